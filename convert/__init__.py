@@ -1,0 +1,1 @@
+"""Reading Hugging Face Kimi checkpoints and writing deepseek2 GGUF files."""

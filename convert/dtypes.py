@@ -1,0 +1,45 @@
+"""Bit-exact conversions numpy lacks: bfloat16 and float8 e4m3 (stored as raw integer bits).
+
+numpy has no bfloat16 or float8, so those tensors are handled as uint16 / uint8 bit patterns and
+widened to float32 here. Widening is exact; narrowing rounds to nearest-even like torch does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) → float32, exactly (bf16 is the top half of an f32)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bit patterns, round-to-nearest-even; NaN stays a quiet NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (np.uint32(0x7FFF) + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded = np.where(nan, np.uint16(0x7FC0), rounded)
+    return rounded
+
+
+def _e4m3_table() -> np.ndarray:
+    """float32 value of each of the 256 float8_e4m3fn codes (bias 7, no inf, 0x7F/0xFF = NaN)."""
+    codes = np.arange(256, dtype=np.uint32)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exp = (codes >> 3) & 0xF
+    man = codes & 0x7
+    normal = (1.0 + man / 8.0) * np.exp2(exp.astype(np.float64) - 7.0)
+    subnormal = (man / 8.0) * np.exp2(-6.0)
+    value = sign * np.where(exp == 0, subnormal, normal)
+    value[(codes & 0x7F) == 0x7F] = np.nan
+    return value.astype(np.float32)
+
+
+E4M3_TO_F32 = _e4m3_table()
+
+
+def e4m3_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn bit patterns (uint8) → float32 via a 256-entry table (exact)."""
+    return E4M3_TO_F32[bits]
