@@ -58,5 +58,93 @@ def synth(out_dir: Path, variant: str, preset: str, seed: int, force: bool) -> N
     click.echo(f"wrote {variant} {preset} checkpoint to {path}")
 
 
+def parse_size(text: str) -> int:
+    """`50G`, `500M`, `1.5T`, `123456` → bytes, decimal units like gguf-split."""
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    t = text.strip().upper().removesuffix("B")
+    mult = units.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in units else t
+    try:
+        value = int(float(number) * mult)
+    except ValueError:
+        raise K2ConvError(f"bad size {text!r} (use e.g. 50G, 500M)") from None
+    if value <= 0:
+        raise K2ConvError(f"bad size {text!r}: must be positive")
+    return value
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--recipe", default="q4_0-native", show_default=True,
+              help="Built-in recipe (f32, bf16, q8_0, q4_0-native) or a recipe TOML file.")
+@click.option("--override", "overrides", multiple=True, metavar="REGEX=TYPE",
+              help="Ordered type rules on GGUF tensor names, tried before the recipe's (repeatable).")
+@click.option("--split-max-size", default=None, metavar="SIZE",
+              help="Write gguf-split shards of at most SIZE tensor bytes (e.g. 50G).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes quantizing in parallel.")
+@click.option("--dry-run", is_flag=True, help="Print the exact plan (file sizes, bytes per type/class); write nothing.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--allow-inexact-scales", is_flag=True,
+              help="INT4→Q4_0: round scales float16 cannot hold (reported) instead of stopping.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], split_max_size: str | None,
+             workers: int, dry_run: bool, force: bool, allow_inexact_scales: bool, quiet: bool) -> None:
+    """Convert a Hugging Face Kimi checkpoint (SRC folder) into GGUF at OUT, in one streaming pass.
+
+    \b
+    Examples:
+      k2conv quantize ./Kimi-K2.5 kimi-k2.5-q4_0.gguf --recipe q4_0-native --split-max-size 50G
+      k2conv quantize ./Kimi-K2.5 out.gguf --recipe q8_0 --override 'ffn_down_exps=Q4_0' --dry-run
+    """
+    from k2conv.convert.pipeline import make_plan, open_source, plan_report
+    from k2conv.convert.writer import Options, check_outputs, write_plan
+
+    if workers < 1:
+        raise K2ConvError("--workers must be at least 1")
+    cfg, ckpt = open_source(src)
+    if ckpt is None and not dry_run:
+        raise K2ConvError(f"{src}: a bare config can only be planned (--dry-run); give the checkpoint folder")
+    split = parse_size(split_max_size) if split_max_size else 0
+    plan = make_plan(cfg, Path(src) if ckpt else None, out, recipe, list(overrides), split)
+    if dry_run:
+        click.echo(plan_report(plan))
+        return
+    assert ckpt is not None
+    check_outputs(plan, force)
+    write_plan(ckpt, plan, workers=workers, opts=Options(allow_inexact_scales), progress=not quiet)
+    for f in plan.files:
+        click.echo(f"wrote {f.path} ({f.size:,} bytes)")
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+def inspect(src: Path) -> None:
+    """Describe a checkpoint folder or a bare config.json: variant, parameters, predicted GGUF sizes.
+
+    \b
+    Example:
+      k2conv inspect ./Kimi-K2.5/config.json
+    """
+    from k2conv.convert.inspect import inspect_report
+
+    click.echo(inspect_report(Path(src)))
+
+
+@main.command()
+@click.argument("work_dir", type=click.Path(path_type=Path), default=Path("k2conv-demo"))
+@click.option("--variant", type=click.Choice(["k2.5", "k2-thinking", "k2-instruct"]), default="k2.5", show_default=True)
+def demo(work_dir: Path, variant: str) -> None:
+    """The whole pipeline on an embedded default: synthesize a tiny checkpoint, quantize it, show the result.
+
+    \b
+    Example:
+      k2conv demo ./k2conv-demo
+    """
+    from k2conv.convert.demo import run_demo
+
+    run_demo(work_dir, variant, echo=click.echo)
+
+
 if __name__ == "__main__":
     main()

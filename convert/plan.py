@@ -1,0 +1,165 @@
+"""The plan: every output tensor's name, shape, type, source, byte size, file and offset.
+
+It is a pure function of the config, the recipe and the tokenizer metadata, computed before any
+weight is read. `--dry-run` prints it; the writer fills it in; workers write at its offsets; a
+resumed run trusts it. Headers are serialized here with gguf's GGUFWriter, so the exact file sizes
+are known up front.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.gguf_writer import WriterState
+
+from k2conv.convert.config import ModelConfig
+from k2conv.convert.gguf_meta import ARCH
+from k2conv.convert.hf_layout import LogicalWeight, logical_weights
+from k2conv.convert.naming import expert_of, experts_name, gguf_name
+from k2conv.quant.recipe import Recipe, Rule, check_all_rules_used, choose_type
+from k2conv.quant.types import file_type_of, tensor_bytes
+
+ALIGNMENT = 32  # GGUF default (general.alignment absent)
+
+# How an output tensor is built from source weights.
+WEIGHT = "weight"  # one logical weight, as is
+K_B = "k_b"  # kv_b_proj → per-head k_nope part, transposed: (n_head, kv_lora, nope)
+V_B = "v_b"  # kv_b_proj → per-head v part: (n_head, v, kv_lora)
+EXPERTS = "experts"  # routed experts stacked: (n_expert, rows, cols)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order; ggml ne is the reverse
+    qtype: GGMLQuantizationType
+    kind: str
+    sources: tuple[LogicalWeight, ...]
+    nbytes: int
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+
+@dataclass
+class PlannedFile:
+    path: Path
+    header: bytes
+    tensors: list[PlannedTensor]
+    offsets: list[int]  # from the start of the file
+
+    @property
+    def data_start(self) -> int:
+        return pad(len(self.header))
+
+    @property
+    def size(self) -> int:
+        return self.data_start + sum(pad(t.nbytes) for t in self.tensors)
+
+
+@dataclass
+class Plan:
+    config: ModelConfig
+    recipe: str
+    files: list[PlannedFile]
+    header_exact: bool = True  # False when tokenizer metadata was not available (bare config)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[PlannedTensor]:
+        return [t for f in self.files for t in f.tensors]
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def locate(self) -> dict[str, tuple[int, int]]:
+        """tensor name → (file index, absolute offset in that file)."""
+        return {t.name: (i, off) for i, f in enumerate(self.files) for t, off in zip(f.tensors, f.offsets)}
+
+
+def pad(n: int, align: int = ALIGNMENT) -> int:
+    return (n + align - 1) // align * align
+
+
+def plan_tensors(cfg: ModelConfig, recipe: Recipe, overrides: list[Rule]) -> list[PlannedTensor]:
+    """Output tensors in file order, each with its type chosen by the recipe."""
+    out: list[PlannedTensor] = []
+    experts: dict[tuple[int, str], list[LogicalWeight]] = {}
+    weights = logical_weights(cfg)
+
+    def add(name: str, shape: tuple[int, ...], kind: str, sources: tuple[LogicalWeight, ...]) -> None:
+        qtype = choose_type(name, shape, recipe, overrides)
+        out.append(PlannedTensor(name, shape, qtype, kind, sources, tensor_bytes(qtype, shape)))
+
+    for w in weights:
+        ex = expert_of(w.module)
+        if ex is not None:
+            experts.setdefault((ex[0], ex[2]), []).append(w)
+    done_experts: set[tuple[int, str]] = set()
+    for w in weights:
+        ex = expert_of(w.module)
+        if ex is not None:
+            layer, _, proj = ex
+            if (layer, proj) in done_experts:
+                continue
+            done_experts.add((layer, proj))
+            group = tuple(experts[(layer, proj)])
+            add(experts_name(layer, proj), (len(group), *w.shape), EXPERTS, group)
+        elif w.module.endswith("self_attn.kv_b_proj"):
+            nh = cfg.num_attention_heads
+            layer = w.module.split(".")[2]  # model.layers.N.self_attn.kv_b_proj
+            add(f"blk.{layer}.attn_k_b.weight", (nh, cfg.kv_lora_rank, cfg.qk_nope_head_dim), K_B, (w,))
+            add(f"blk.{layer}.attn_v_b.weight", (nh, cfg.v_head_dim, cfg.kv_lora_rank), V_B, (w,))
+        else:
+            add(gguf_name(w.module, w.suffix), w.shape, WEIGHT, (w,))
+    check_all_rules_used(recipe, overrides)
+    return out
+
+
+def build_plan(
+    cfg: ModelConfig,
+    tensors: list[PlannedTensor],
+    out_path: Path,
+    add_metadata: Callable[[GGUFWriter, int], None],
+    *,
+    recipe_name: str,
+    split_max_size: int = 0,
+    header_exact: bool = True,
+) -> Plan:
+    """Assign tensors to files (gguf-split rules) and serialize each file's header.
+
+    `add_metadata(writer, file_type)` adds every KV pair of the first file.
+    """
+    writer = GGUFWriter(path=None, arch=ARCH, split_max_size=split_max_size)
+    counts: dict[GGMLQuantizationType, int] = {}
+    for t in tensors:
+        counts[t.qtype] = counts.get(t.qtype, 0) + t.nbytes
+    add_metadata(writer, file_type_of(counts))
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    n_files = len(writer.tensors)
+    buffers = [io.BytesIO() for _ in range(n_files)]
+    writer.fout = buffers  # type: ignore[assignment]  # serialize headers into memory, not a file
+    writer.state = WriterState.EMPTY
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    paths = writer.format_shard_names(Path(out_path))
+    by_name = {t.name: t for t in tensors}
+    files = []
+    for path, buf, infos in zip(paths, buffers, writer.tensors):
+        header = buf.getvalue()
+        ftensors = [by_name[name] for name in infos]
+        offsets, pos = [], pad(len(header))
+        for t in ftensors:
+            offsets.append(pos)
+            pos += pad(t.nbytes)
+        files.append(PlannedFile(path, header, ftensors, offsets))
+    return Plan(cfg, recipe_name, files, header_exact=header_exact)

@@ -1,0 +1,69 @@
+"""Lossless INT4 (compressed-tensors, group 32) → Q4_0 repack: no re-quantization.
+
+Both formats are symmetric 4-bit with one scale per 32 consecutive inputs of a row, and both
+store q + 8 as an unsigned nibble, so Q4_0's `d·(nibble − 8)` equals the source's `scale·q`
+exactly whenever the bf16 scale is representable in float16. The only work is moving nibbles
+(compressed-tensors packs 8 consecutive columns per int32, low nibble first; Q4_0 puts element j
+and j+16 of a block in one byte) and narrowing the scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from k2conv.convert.dtypes import bf16_bits_to_f32
+
+Q4_0_BLOCK = 32
+Q4_0_BYTES = 18
+
+
+@dataclass(frozen=True)
+class ScaleReport:
+    """Scales that float16 cannot hold exactly (overflow, or bits lost below 2**-14)."""
+
+    inexact: int
+    total: int
+    worst_value: float
+    worst_rel_error: float
+
+
+def scales_to_f16(scale_bits: np.ndarray) -> tuple[np.ndarray, ScaleReport]:
+    """bf16 scale bits → float16, and how many of them did not survive the narrowing exactly."""
+    f32 = bf16_bits_to_f32(scale_bits)
+    with np.errstate(over="ignore"):
+        f16 = f32.astype(np.float16)
+    back = f16.astype(np.float32)
+    bad = back != f32
+    inexact = int(np.count_nonzero(bad))
+    worst_value, worst_rel = 0.0, 0.0
+    if inexact:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(bad, np.abs(back - f32) / np.abs(f32), 0.0)
+        idx = int(np.nanargmax(np.where(np.isfinite(rel), rel, np.inf)))
+        worst_value = float(f32.reshape(-1)[idx])
+        worst_rel = float(rel.reshape(-1)[idx])
+    return f16, ScaleReport(inexact, f32.size, worst_value, worst_rel)
+
+
+def repack_int4_to_q4_0(packed: np.ndarray, scale_f16: np.ndarray, cols: int) -> np.ndarray:
+    """Q4_0 bytes [rows, cols/32·18] holding exactly the INT4 values of `packed` with `scale_f16`.
+
+    `packed` is the int32 [rows, cols/8] tensor as stored; `scale_f16` is [rows, cols/32].
+    """
+    rows = packed.shape[0]
+    if cols % Q4_0_BLOCK:
+        raise ValueError(f"INT4→Q4_0 repack needs a multiple of 32 columns, got {cols}")
+    nblk = cols // Q4_0_BLOCK
+    # Little-endian int32 words → bytes: byte k holds column 2k (low nibble) and 2k+1 (high).
+    src = np.ascontiguousarray(packed[:, : cols // 8]).view(np.uint8).reshape(rows, nblk, 16)
+    low = src & 0x0F  # columns 0, 2, 4, … of the block
+    high = src >> 4  # columns 1, 3, 5, …
+    nib = np.empty((rows, nblk, 32), dtype=np.uint8)
+    nib[:, :, 0::2] = low
+    nib[:, :, 1::2] = high
+    out = np.empty((rows, nblk, Q4_0_BYTES), dtype=np.uint8)
+    out[:, :, 0:2] = np.ascontiguousarray(scale_f16, dtype="<f2").view(np.uint8).reshape(rows, nblk, 2)
+    out[:, :, 2:] = nib[:, :, :16] | (nib[:, :, 16:] << 4)
+    return out.reshape(rows, nblk * Q4_0_BYTES)
