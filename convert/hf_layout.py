@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from k2conv.convert.config import Fp8Scheme, Int4Scheme, ModelConfig, ceil_div
+from k2conv.errors import K2ConvError
 
 # Storage kinds of one logical weight.
 PLAIN = "plain"  # one tensor `<name>.weight` (or a bias/norm) in its own dtype
@@ -130,3 +131,110 @@ def stored_tensors(cfg: ModelConfig, w: LogicalWeight) -> list[StoredTensor]:
         StoredTensor(f"{base}.weight", (rows, cols), "F8_E4M3"),
         StoredTensor(f"{base}.weight_scale_inv", (ceil_div(rows, br), ceil_div(cols, bc)), "F32"),
     ]
+
+
+# ---- tensors outside the text model ------------------------------------------------------------
+
+# K2-Instruct stores a bf16 `rotary_emb.inv_freq` of 56 values in every layer ([DUMP-K2I]: 61 tensors,
+# 6.67 KB). 56 is not qk_rope_head_dim/2, so the length is kept literally; loaders skip these.
+K2_INSTRUCT_INV_FREQ_LEN = 56
+
+
+def unused_tensors(cfg: ModelConfig) -> list[StoredTensor]:
+    """Tensors the real checkpoints ship that no converter reads (K2-Instruct's rotary buffers)."""
+    if cfg.variant != "k2-instruct":
+        return []
+    return [
+        StoredTensor(f"{cfg.tensor_prefix}model.layers.{i}.self_attn.rotary_emb.inv_freq", (K2_INSTRUCT_INV_FREQ_LEN,), "BF16")
+        for i in range(cfg.num_hidden_layers)
+    ]
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """MoonViT + patch-merger projector sizes from K2.5's `vision_config` (either key spelling)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    patch: int
+    pos_h: int
+    pos_w: int
+    merge: tuple[int, int]
+    mm_hidden: int
+    text_hidden: int
+
+
+def vision_dims(cfg: ModelConfig) -> VisionDims | None:
+    """The vision tower's sizes, or None for text-only variants."""
+    vc = cfg.vision
+    if not vc:
+        return None
+
+    def get(*keys: str, default: int | None = None) -> int:
+        for k in keys:
+            if isinstance(vc.get(k), int):
+                return int(vc[k])
+        if default is None:
+            raise K2ConvError(f"config.json: vision_config lacks {keys[0]!r}")
+        return default
+
+    hidden = get("vt_hidden_size", "hidden_size")
+    merge = vc.get("merge_kernel_size") or [2, 2]
+    return VisionDims(
+        hidden=hidden,
+        intermediate=get("vt_intermediate_size", "intermediate_size"),
+        layers=get("vt_num_hidden_layers", "num_hidden_layers"),
+        heads=get("vt_num_attention_heads", "num_attention_heads"),
+        patch=get("patch_size"),
+        pos_h=get("init_pos_emb_height", "pos_emb_height"),
+        pos_w=get("init_pos_emb_width", "pos_emb_width"),
+        merge=(int(merge[0]), int(merge[1])),
+        mm_hidden=get("mm_hidden_size", default=hidden),
+        text_hidden=get("text_hidden_size", default=cfg.hidden_size),
+    )
+
+
+def vision_tensors(cfg: ModelConfig) -> list[StoredTensor]:
+    """K2.5's `vision_tower.*` and `mm_projector.*` tensors (all BF16; §4 table), [] for text-only."""
+    d = vision_dims(cfg)
+    if d is None:
+        return []
+    h = d.hidden
+    out = [
+        StoredTensor("vision_tower.patch_embed.proj.weight", (h, 3, d.patch, d.patch), "BF16"),
+        StoredTensor("vision_tower.patch_embed.proj.bias", (h,), "BF16"),
+        StoredTensor("vision_tower.patch_embed.pos_emb.weight", (d.pos_h, d.pos_w, h), "BF16"),
+    ]
+    for b in range(d.layers):
+        p = f"vision_tower.encoder.blocks.{b}"
+        for module, rows, cols in (
+            ("wqkv", 3 * h, h),
+            ("wo", h, h),
+            ("mlp.fc0", d.intermediate, h),
+            ("mlp.fc1", h, d.intermediate),
+        ):
+            out.append(StoredTensor(f"{p}.{module}.weight", (rows, cols), "BF16"))
+            out.append(StoredTensor(f"{p}.{module}.bias", (rows,), "BF16"))
+        for norm in ("norm0", "norm1"):
+            out.append(StoredTensor(f"{p}.{norm}.weight", (h,), "BF16"))
+            out.append(StoredTensor(f"{p}.{norm}.bias", (h,), "BF16"))
+    out.append(StoredTensor("vision_tower.encoder.final_layernorm.weight", (h,), "BF16"))
+    out.append(StoredTensor("vision_tower.encoder.final_layernorm.bias", (h,), "BF16"))
+    merged = d.mm_hidden * d.merge[0] * d.merge[1]
+    out += [
+        StoredTensor("mm_projector.pre_norm.weight", (d.mm_hidden,), "BF16"),
+        StoredTensor("mm_projector.pre_norm.bias", (d.mm_hidden,), "BF16"),
+        StoredTensor("mm_projector.proj.0.weight", (merged, merged), "BF16"),
+        StoredTensor("mm_projector.proj.0.bias", (merged,), "BF16"),
+        StoredTensor("mm_projector.proj.2.weight", (d.text_hidden, merged), "BF16"),
+        StoredTensor("mm_projector.proj.2.bias", (d.text_hidden,), "BF16"),
+    ]
+    return out
+
+
+def checkpoint_tensors(cfg: ModelConfig) -> list[StoredTensor]:
+    """Every tensor a real checkpoint of this variant holds: text model, unused buffers, vision."""
+    text = [st for w in logical_weights(cfg) for st in stored_tensors(cfg, w)]
+    return text + unused_tensors(cfg) + vision_tensors(cfg)

@@ -87,9 +87,15 @@ def parse_size(text: str) -> int:
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--allow-inexact-scales", is_flag=True,
               help="INT4→Q4_0: round scales float16 cannot hold (reported) instead of stopping.")
+@click.option("--mmproj", type=click.Path(path_type=Path), default=None,
+              help="K2.5: where to write the vision projector GGUF (default: mmproj-<OUT stem>.gguf beside OUT).")
+@click.option("--mmproj-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="Type of the mmproj's matrices.")
+@click.option("--no-mmproj", is_flag=True, help="Do not write the vision projector.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], split_max_size: str | None,
-             workers: int, dry_run: bool, force: bool, allow_inexact_scales: bool, quiet: bool) -> None:
+             workers: int, dry_run: bool, force: bool, allow_inexact_scales: bool, mmproj: Path | None,
+             mmproj_type: str, no_mmproj: bool, quiet: bool) -> None:
     """Convert a Hugging Face Kimi checkpoint (SRC folder) into GGUF at OUT, in one streaming pass.
 
     \b
@@ -107,14 +113,34 @@ def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], spli
         raise K2ConvError(f"{src}: a bare config can only be planned (--dry-run); give the checkpoint folder")
     split = parse_size(split_max_size) if split_max_size else 0
     plan = make_plan(cfg, Path(src) if ckpt else None, out, recipe, list(overrides), split)
+    mm_plan = None
+    if ckpt is not None and not no_mmproj:
+        from k2conv.convert.mmproj import default_mmproj_path, mmproj_status, plan_mmproj
+
+        status = mmproj_status(cfg)
+        if status.startswith("ok"):
+            mm_plan = plan_mmproj(ckpt, mmproj or default_mmproj_path(out), mmproj_type)
+        elif mmproj is not None:
+            raise K2ConvError(f"--mmproj: {status}")
+        elif cfg.vision is not None:
+            click.echo(f"mmproj {status}")
     if dry_run:
         click.echo(plan_report(plan))
+        if mm_plan is not None:
+            click.echo(mm_plan.summary())
         return
     assert ckpt is not None
     check_outputs(plan, force)
+    if mm_plan is not None and mm_plan.out.exists() and not force:
+        raise K2ConvError(f"{mm_plan.out}: output exists (use --force to overwrite)")
     write_plan(ckpt, plan, workers=workers, opts=Options(allow_inexact_scales), progress=not quiet)
     for f in plan.files:
         click.echo(f"wrote {f.path} ({f.size:,} bytes)")
+    if mm_plan is not None:
+        from k2conv.convert.mmproj import write_mmproj
+
+        path = write_mmproj(ckpt, mm_plan.out, mmproj_type, force=force)
+        click.echo(f"wrote {path} ({path.stat().st_size:,} bytes, vision projector)")
 
 
 @main.command()

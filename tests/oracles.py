@@ -61,24 +61,56 @@ def hf_config(cfg: ModelConfig):
     )
 
 
-def hf_model(ckpt_dir: Path, *, llamacpp_eps: bool = False):
+def gguf_weight_reader(ckpt: Checkpoint, gguf_path: Path):
+    """read(weight) → float32 from a GGUF, dequantized by gguf's own dequantizer (undoing the
+    kv_b split and the expert stacking), for running transformers on exactly the GGUF's weights."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from k2conv.convert.naming import gguf_name
+
+    tensors = {t.name: t for t in GGUFReader(gguf_path).tensors}
+    cfg = ckpt.config
+
+    def deq(name: str) -> np.ndarray:
+        t = tensors[name]
+        return dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+
+    def read(w) -> np.ndarray:
+        ex = expert_of(w.module)
+        if ex is not None:
+            layer, e, proj = ex
+            return deq(f"blk.{layer}.ffn_{proj}_exps.weight")[e]
+        if w.module.endswith("kv_b_proj"):
+            layer = w.module.split(".")[2]
+            k_b = deq(f"blk.{layer}.attn_k_b.weight").transpose(0, 2, 1)  # (heads, nope, kv_lora)
+            v_b = deq(f"blk.{layer}.attn_v_b.weight")  # (heads, v, kv_lora)
+            return np.concatenate([k_b, v_b], axis=1).reshape(-1, cfg.kv_lora_rank)
+        return deq(gguf_name(w.module, w.suffix)).reshape(w.shape)
+
+    return read
+
+
+def hf_model(ckpt_dir: Path, *, llamacpp_eps: bool = False, gguf_path: Path | None = None):
     """float32 DeepseekV3ForCausalLM holding the checkpoint's dequantized weights.
 
     `llamacpp_eps`: give q_a/kv_a layernorms the config's rms_norm_eps, as llama.cpp does, instead
     of the original code's fixed 1e-6 (oracle-notes.md, effect 1).
+    `gguf_path`: take the weights from that GGUF (dequantized by gguf) instead of the source.
     """
     import torch
     from transformers import DeepseekV3ForCausalLM
 
     ckpt = Checkpoint(ckpt_dir)
     cfg = ckpt.config
+    read = gguf_weight_reader(ckpt, gguf_path) if gguf_path is not None else ckpt.read
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(hf_config(cfg)).float().eval()
     state = model.state_dict()
     new: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, str], dict[int, np.ndarray]] = {}
     for w in ckpt.weights:
-        arr = ckpt.read(w)
+        arr = read(w)
         ex = expert_of(w.module)
         if ex is None:
             new[w.name] = torch.from_numpy(arr)

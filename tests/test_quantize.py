@@ -147,10 +147,13 @@ def test_corrupt_header(synth_ckpt, tmp_path: Path, damage: str) -> None:
         expected = "exceeds the file"
     else:
         header = json.loads(data[8 : 8 + hlen])
-        names = [n for n in header if n != "__metadata__"]
-        a, b = names[0], names[1]
+        by_size: dict[int, list[str]] = {}
+        for n, v in header.items():
+            if n != "__metadata__":
+                by_size.setdefault(v["data_offsets"][1] - v["data_offsets"][0], []).append(n)
+        a, b = next(names for names in by_size.values() if len(names) > 1)[:2]
         header[b]["data_offsets"] = header[a]["data_offsets"][:]
-        blob = json.dumps(header).encode().ljust(hlen)
+        blob = json.dumps(header, separators=(",", ":")).encode().ljust(hlen)
         assert len(blob) == hlen
         data[8 : 8 + hlen] = blob
         expected = "overlap"
