@@ -173,6 +173,13 @@ class Checkpoint:
             raise K2ConvError(f"{self.where(name)}: contains NaN or Inf")
         return np.ascontiguousarray(out, dtype=np.float32)
 
+    def release(self, w: LogicalWeight) -> None:
+        """Let go of the mapped pages of one weight once its output bytes are written."""
+        for st in stored_tensors(self.config, w):
+            shard = self.weight_map.get(st.name)
+            if shard is not None:
+                self.files[shard].release(st.name)
+
     def close(self) -> None:
         for f in self.files.values():
             f.close()

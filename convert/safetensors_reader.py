@@ -88,6 +88,20 @@ class SafetensorsFile:
         arr = np.frombuffer(buf, dtype=dtype, count=count, offset=self.data_start + entry.begin)
         return arr.reshape(entry.shape)
 
+    def release(self, name: str) -> None:
+        """Drop this tensor's pages from the process (they stay in the page cache).
+
+        Mapped file pages count toward RSS until unmapped or advised away; without this, streaming
+        a 595 GB checkpoint through one mapping would show the whole model as resident.
+        """
+        entry = self.entries.get(name)
+        if self._mmap is None or entry is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = (self.data_start + entry.begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = self.data_start + entry.end
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         if self._mmap is not None:
             with contextlib.suppress(BufferError):  # a live numpy view keeps the map open

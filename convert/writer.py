@@ -150,6 +150,8 @@ def _run_unit(unit: Unit) -> int:
     if data.nbytes != expected:  # pragma: no cover - a planner/quantizer disagreement is a bug
         raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, plan says {expected}")
     sink.write(t, offset, data)
+    for w in t.sources if t.kind != EXPERTS else (t.sources[unit.expert],):
+        ckpt.release(w)
     return expected
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from k2conv.convert.dtypes import bf16_bits_to_f32
 
@@ -47,6 +48,26 @@ def scales_to_f16(scale_bits: np.ndarray) -> tuple[np.ndarray, ScaleReport]:
     return f16, ScaleReport(inexact, f32.size, worst_value, worst_rel)
 
 
+@njit(cache=True, nogil=True)
+def _repack_kernel(src: np.ndarray, scale_bytes: np.ndarray, out: np.ndarray) -> None:
+    """src: [rows, nblk, 16] bytes of packed words; out: [rows, nblk, 18] Q4_0 blocks.
+
+    Source byte k of a block holds columns 2k (low nibble) and 2k+1 (high); Q4_0 byte j holds
+    columns j (low) and j+16 (high). So Q4_0 byte 2m = low(src[m]) | low(src[m+8]) << 4 and
+    byte 2m+1 = high(src[m]) | high(src[m+8]) << 4.
+    """
+    rows, nblk = src.shape[0], src.shape[1]
+    for r in range(rows):
+        for b in range(nblk):
+            out[r, b, 0] = scale_bytes[r, b, 0]
+            out[r, b, 1] = scale_bytes[r, b, 1]
+            for m in range(8):
+                a = src[r, b, m]
+                c = src[r, b, m + 8]
+                out[r, b, 2 + 2 * m] = (a & 0x0F) | ((c & 0x0F) << 4)
+                out[r, b, 3 + 2 * m] = (a >> 4) | (c & 0xF0)
+
+
 def repack_int4_to_q4_0(packed: np.ndarray, scale_f16: np.ndarray, cols: int) -> np.ndarray:
     """Q4_0 bytes [rows, cols/32·18] holding exactly the INT4 values of `packed` with `scale_f16`.
 
@@ -56,14 +77,8 @@ def repack_int4_to_q4_0(packed: np.ndarray, scale_f16: np.ndarray, cols: int) ->
     if cols % Q4_0_BLOCK:
         raise ValueError(f"INT4→Q4_0 repack needs a multiple of 32 columns, got {cols}")
     nblk = cols // Q4_0_BLOCK
-    # Little-endian int32 words → bytes: byte k holds column 2k (low nibble) and 2k+1 (high).
     src = np.ascontiguousarray(packed[:, : cols // 8]).view(np.uint8).reshape(rows, nblk, 16)
-    low = src & 0x0F  # columns 0, 2, 4, … of the block
-    high = src >> 4  # columns 1, 3, 5, …
-    nib = np.empty((rows, nblk, 32), dtype=np.uint8)
-    nib[:, :, 0::2] = low
-    nib[:, :, 1::2] = high
+    scale_bytes = np.ascontiguousarray(scale_f16, dtype="<f2").view(np.uint8).reshape(rows, nblk, 2)
     out = np.empty((rows, nblk, Q4_0_BYTES), dtype=np.uint8)
-    out[:, :, 0:2] = np.ascontiguousarray(scale_f16, dtype="<f2").view(np.uint8).reshape(rows, nblk, 2)
-    out[:, :, 2:] = nib[:, :, :16] | (nib[:, :, 16:] << 4)
+    _repack_kernel(src, scale_bytes, out)
     return out.reshape(rows, nblk * Q4_0_BYTES)

@@ -239,3 +239,35 @@ def test_override_rules(synth_ckpt, tmp_path: Path) -> None:
     assert code == 2 and "does not compile" in text
     code, text = run_cli("quantize", synth_ckpt("k2.5"), out, "--override", "x=Q7_7", "--force")
     assert code == 2 and "unknown tensor type" in text
+
+
+def test_every_legacy_type_round_trips(synth_ckpt, tmp_path: Path) -> None:
+    """F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 through gguf's quantizers: gguf's dequantizer gives
+    the source back within each type's step, and 128-wide rows keep 32-blocks."""
+    src = synth_ckpt("k2-instruct")
+    out = tmp_path / "mix.gguf"
+    rules = ["attn_q_a=F16", "attn_q_b=BF16", "attn_kv_a_mqa=Q4_0", "attn_output=Q4_1", "attn_k_b=Q5_0",
+             "attn_v_b=Q5_1", "ffn_down_exps=Q8_0"]  # fmt: skip
+    code, text = run_cli("quantize", src, out, "--recipe", "f32", *[a for r in rules for a in ("--override", r)], "--quiet")
+    assert code == 0, text
+    tensors = {t.name: t for t in GGUFReader(out).tensors}
+    ckpt = Checkpoint(src)
+    step = {"F16": 1e-3, "BF16": 8e-3, "Q4_0": 0.16, "Q4_1": 0.1, "Q5_0": 0.07, "Q5_1": 0.05, "Q8_0": 0.01}
+    for rule in rules:
+        pattern, tname = rule.split("=")
+        t = tensors[f"blk.1.{pattern}.weight"]
+        assert t.tensor_type.name == tname
+        got = dequantize(np.asarray(t.data), t.tensor_type)
+        w = next(w for w in ckpt.weights if w.module.endswith({
+            "attn_q_a": "q_a_proj", "attn_q_b": "q_b_proj", "attn_kv_a_mqa": "kv_a_proj_with_mqa",
+            "attn_output": "o_proj", "attn_k_b": "kv_b_proj", "attn_v_b": "kv_b_proj",
+            "ffn_down_exps": "experts.0.down_proj"}[pattern]) and ".layers.1." in w.module)  # fmt: skip
+        src_w = ckpt.read(w)
+        if pattern == "attn_k_b":
+            src_w = src_w.reshape(got.shape[0], -1, src_w.shape[1])[:, :128].transpose(0, 2, 1)
+        elif pattern == "attn_v_b":
+            src_w = src_w.reshape(got.shape[0], -1, src_w.shape[1])[:, 128:]
+        elif pattern == "ffn_down_exps":
+            got = got[0]
+        scale = np.abs(src_w).max()
+        assert np.abs(got - src_w.reshape(got.shape)).max() <= step[tname] * scale, tname
