@@ -1,0 +1,1 @@
+"""Reference inference runner and `k2conv verify` (not built yet)."""
