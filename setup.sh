@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install k2conv into it (idempotent).
 #   ./setup.sh        runtime + runner (torch, CPU build)
-#   ./setup.sh test   also the test oracles (transformers, compressed-tensors, llama-cpp-python)
+#   ./setup.sh test   also the test oracles (transformers, compressed-tensors, llama-cpp-python,
+#                     and llama.cpp's own source tree from the llama-cpp-python sdist)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -12,3 +13,12 @@ PY=${PYTHON:-python3}
 extras="runner"
 [ "${1:-}" = "test" ] && extras="runner,test"
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} .venv/bin/python -m pip install -q -e ".[$extras]"
+if [ "${1:-}" = "test" ] && [ ! -f .venv/llama.cpp-src/convert_hf_to_gguf.py ]; then
+  # llama.cpp's converter is an oracle for the mmproj writer; take it from the same release.
+  tmp=$(mktemp -d)
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d "$tmp"
+  tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+  rm -rf .venv/llama.cpp-src
+  mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp .venv/llama.cpp-src
+  rm -rf "$tmp"
+fi

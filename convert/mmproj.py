@@ -121,6 +121,26 @@ class MmprojPlan:
         """Tensor data bytes (the file adds a few KiB of header and alignment)."""
         return sum(t.nbytes for t in self.tensors)
 
+    def writer(self) -> GGUFWriter:
+        """A GGUFWriter holding this plan's KV pairs and tensor infos (no file opened yet)."""
+        writer = GGUFWriter(None, ARCH)
+        for kv in self.kv:
+            if kv.vtype == GGUFValueType.ARRAY:
+                writer.add_array(kv.key, kv.value)
+            else:
+                writer.add_key_value(kv.key, kv.value, kv.vtype)
+        for t in self.tensors:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(_NP_DTYPE[t.qtype]), t.nbytes)
+        return writer
+
+    @property
+    def file_size(self) -> int:
+        """Exact size of the written file: serialized header, then 32-aligned tensor data."""
+        from k2conv.convert.plan import pad, serialize_headers
+
+        (header,) = serialize_headers(self.writer())
+        return pad(len(header)) + sum(pad(t.nbytes) for t in self.tensors)
+
     def kv_dict(self) -> dict[str, Any]:
         return {kv.key: kv.value for kv in self.kv}
 
@@ -130,7 +150,8 @@ class MmprojPlan:
         for t in self.tensors:
             by_type[t.qtype.name] = by_type.get(t.qtype.name, 0) + t.nbytes
         types = ", ".join(f"{k} {v:,} B" for k, v in sorted(by_type.items()))
-        lines = [f"mmproj {self.out} ({self.ftype}): {len(self.tensors)} tensors, {self.nbytes:,} bytes ({types})"]
+        lines = [f"  {self.out.name}: {self.file_size:,} bytes, {len(self.tensors)} tensors "
+                 f"(vision projector, {self.ftype}: {types})"]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -393,15 +414,8 @@ def write_mmproj(ckpt: Checkpoint, out: Path, ftype: str = "f16", *, force: bool
     if out.exists() and not force:
         raise K2ConvError(f"{out}: exists (use --force to overwrite)")
     temp = temp_path(out)
-    writer = GGUFWriter(None, ARCH)
+    writer = plan.writer()
     try:
-        for kv in plan.kv:
-            if kv.vtype == GGUFValueType.ARRAY:
-                writer.add_array(kv.key, kv.value)
-            else:
-                writer.add_key_value(kv.key, kv.value, kv.vtype)
-        for t in plan.tensors:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(_NP_DTYPE[t.qtype]), t.nbytes)
         writer.write_header_to_file(temp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

@@ -88,6 +88,20 @@ def pad(n: int, align: int = ALIGNMENT) -> int:
     return (n + align - 1) // align * align
 
 
+def serialize_headers(writer: GGUFWriter) -> list[bytes]:
+    """The header (magic, KV, tensor infos) of each file a GGUFWriter with tensor infos would write,
+    produced in memory: gguf's own serialization, so planned sizes equal written ones."""
+    buffers = [io.BytesIO() for _ in writer.tensors]
+    writer.fout = buffers  # type: ignore[assignment]
+    writer.state = WriterState.EMPTY
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.fout = None
+    writer.state = WriterState.NO_FILE
+    return [b.getvalue() for b in buffers]
+
+
 def plan_tensors(cfg: ModelConfig, recipe: Recipe, overrides: list[Rule]) -> list[PlannedTensor]:
     """Output tensors in file order, each with its type chosen by the recipe."""
     out: list[PlannedTensor] = []
@@ -144,18 +158,11 @@ def build_plan(
     add_metadata(writer, file_type_of(counts))
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-    n_files = len(writer.tensors)
-    buffers = [io.BytesIO() for _ in range(n_files)]
-    writer.fout = buffers  # type: ignore[assignment]  # serialize headers into memory, not a file
-    writer.state = WriterState.EMPTY
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
+    headers = serialize_headers(writer)
     paths = writer.format_shard_names(Path(out_path))
     by_name = {t.name: t for t in tensors}
     files = []
-    for path, buf, infos in zip(paths, buffers, writer.tensors):
-        header = buf.getvalue()
+    for path, header, infos in zip(paths, headers, writer.tensors):
         ftensors = [by_name[name] for name in infos]
         offsets, pos = [], pad(len(header))
         for t in ftensors:

@@ -409,7 +409,8 @@ def test_unpermuted_wqkv_would_be_caught(k25: Checkpoint, text_gguf: Path, tmp_p
 @pytest.mark.oracle
 @pytest.mark.slow
 def test_same_bytes_as_llama_cpp_converter(k25: Checkpoint, files: dict[str, Path], tmp_path: Path) -> None:
-    """Set K2CONV_LLAMA_CPP_SRC to a llama.cpp tree (e.g. llama-cpp-python's vendor/llama.cpp).
+    """llama.cpp's own converter (the tree vendored by llama-cpp-python, unpacked by ./setup.sh test,
+    or K2CONV_LLAMA_CPP_SRC) writes the mmproj of the same checkpoint.
 
     The converter permutes wqkv with `num_attention_heads` (default 16, a key K2.5's raw config
     lacks), so a copy of config.json gets that spelling too. It reads the ViT width, depth and
@@ -418,9 +419,10 @@ def test_same_bytes_as_llama_cpp_converter(k25: Checkpoint, files: dict[str, Pat
     (setting `num_hidden_layers` instead breaks its `mm.2` mapping, which only covers block ids
     below the block count). Tensor data must match byte for byte, other keys exactly.
     """
-    src = os.environ.get("K2CONV_LLAMA_CPP_SRC")
+    default = Path(__file__).resolve().parent.parent / ".venv" / "llama.cpp-src"  # put there by ./setup.sh test
+    src = os.environ.get("K2CONV_LLAMA_CPP_SRC") or (str(default) if (default / "convert_hf_to_gguf.py").exists() else "")
     if not src:
-        pytest.skip("K2CONV_LLAMA_CPP_SRC not set")
+        pytest.skip("no llama.cpp source tree (./setup.sh test unpacks one; or set K2CONV_LLAMA_CPP_SRC)")
     pytest.importorskip("torch")
     import json
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -27,13 +28,9 @@ def run_cli(*args: str) -> tuple[int, str]:
 
 
 def planned_sizes(output: str) -> dict[str, int]:
-    sizes = {}
-    for line in output.splitlines():
-        line = line.strip()
-        if line.endswith("tensors") and ".gguf:" in line:
-            name, rest = line.split(": ", 1)
-            sizes[name] = int(rest.split(" bytes")[0].replace(",", ""))
-    return sizes
+    """file name → bytes, from the `--dry-run` report lines `  NAME.gguf: 1,234 bytes …`."""
+    found = re.findall(r"^\s+(\S+\.gguf): ([\d,]+) bytes", output, flags=re.M)
+    return {name: int(size.replace(",", "")) for name, size in found}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -47,7 +44,8 @@ def test_dry_run_sizes_equal_written_files(synth_ckpt, tmp_path: Path, variant: 
     sizes = planned_sizes(text)
     code, text = run_cli("quantize", src, out, "--recipe", recipe, "--quiet")
     assert code == 0, text
-    assert sizes == {"m.gguf": out.stat().st_size}
+    assert sizes == {p.name: p.stat().st_size for p in tmp_path.glob("*.gguf")}
+    assert ("mmproj-m.gguf" in sizes) == (variant == "k2.5")
     reader = GGUFReader(out)
     assert reader.fields["general.architecture"].contents() == "deepseek2"
 
