@@ -22,3 +22,5 @@ if [ "${1:-}" = "test" ] && [ ! -f .venv/llama.cpp-src/convert_hf_to_gguf.py ]; 
   mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp .venv/llama.cpp-src
   rm -rf "$tmp"
 fi
+# Compile the numba quantizers once here (cached in quant/__pycache__), not in the first run.
+.venv/bin/python -c "import k2conv.quant.kquants"

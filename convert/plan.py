@@ -21,7 +21,7 @@ from k2conv.convert.config import ModelConfig
 from k2conv.convert.gguf_meta import ARCH
 from k2conv.convert.hf_layout import LogicalWeight, logical_weights
 from k2conv.convert.naming import expert_of, experts_name, gguf_name
-from k2conv.quant.recipe import Recipe, Rule, check_all_rules_used, choose_type
+from k2conv.quant.recipe import Recipe, Rule, assign_types, check_all_rules_used
 from k2conv.quant.types import file_type_of, tensor_bytes
 
 ALIGNMENT = 32  # GGUF default (general.alignment absent)
@@ -102,15 +102,14 @@ def serialize_headers(writer: GGUFWriter) -> list[bytes]:
     return [b.getvalue() for b in buffers]
 
 
-def plan_tensors(cfg: ModelConfig, recipe: Recipe, overrides: list[Rule]) -> list[PlannedTensor]:
+def plan_tensors(cfg: ModelConfig, recipe: Recipe, overrides: list[Rule], has_imatrix: bool = False) -> list[PlannedTensor]:
     """Output tensors in file order, each with its type chosen by the recipe."""
-    out: list[PlannedTensor] = []
+    layout: list[tuple[str, tuple[int, ...], str, tuple[LogicalWeight, ...]]] = []
     experts: dict[tuple[int, str], list[LogicalWeight]] = {}
     weights = logical_weights(cfg)
 
     def add(name: str, shape: tuple[int, ...], kind: str, sources: tuple[LogicalWeight, ...]) -> None:
-        qtype = choose_type(name, shape, recipe, overrides)
-        out.append(PlannedTensor(name, shape, qtype, kind, sources, tensor_bytes(qtype, shape)))
+        layout.append((name, shape, kind, sources))
 
     for w in weights:
         ex = expert_of(w.module)
@@ -133,8 +132,12 @@ def plan_tensors(cfg: ModelConfig, recipe: Recipe, overrides: list[Rule]) -> lis
             add(f"blk.{layer}.attn_v_b.weight", (nh, cfg.v_head_dim, cfg.kv_lora_rank), V_B, (w,))
         else:
             add(gguf_name(w.module, w.suffix), w.shape, WEIGHT, (w,))
+    types = assign_types([(n, s) for n, s, _, _ in layout], recipe, overrides, cfg, has_imatrix)
     check_all_rules_used(recipe, overrides)
-    return out
+    return [
+        PlannedTensor(name, shape, qtype, kind, sources, tensor_bytes(qtype, shape))
+        for (name, shape, kind, sources), qtype in zip(layout, types)
+    ]
 
 
 def build_plan(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
+from k2conv.convert.config import ModelConfig
 from k2conv.errors import K2ConvError
 from k2conv.quant.types import T, fit_to_row, parse_type
 
@@ -41,6 +42,7 @@ class Recipe:
     default: GGMLQuantizationType
     rules: list[Rule] = field(default_factory=list)
     builtin: bool = True
+    ftype: str | None = None  # follow llama-quantize's per-tensor rules for this file type (e.g. "Q4_K_M")
 
 
 def builtin_names() -> list[str]:
@@ -61,7 +63,16 @@ def parse_recipe_text(text: str, name: str, builtin: bool) -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise K2ConvError(f"{where}: not valid TOML ({exc})") from None
-    default = parse_type(str(data.get("default", "")), f"{where}: default: ")
+    ftype = data.get("ftype")
+    if ftype is not None:
+        from k2conv.quant.llama_ftypes import FTYPES
+
+        if ftype not in FTYPES:
+            raise K2ConvError(f"{where}: unknown llama-quantize ftype {ftype!r} (known: {', '.join(FTYPES)})")
+        default_name = data.get("default", FTYPES[ftype].name)
+    else:
+        default_name = data.get("default", "")
+    default = parse_type(str(default_name), f"{where}: default: ")
     rules_table = data.get("rules", {})
     if not isinstance(rules_table, dict):
         raise K2ConvError(f"{where}: [rules] must be a table of 'regex' = \"TYPE\"")
@@ -69,7 +80,7 @@ def parse_recipe_text(text: str, name: str, builtin: bool) -> Recipe:
         Rule(pattern, _compile(pattern, where), parse_type(str(t), f"{where}: rule {pattern!r}: "), name)
         for pattern, t in rules_table.items()
     ]
-    return Recipe(name, str(data.get("description", "")), default, rules, builtin)
+    return Recipe(name, str(data.get("description", "")), default, rules, builtin, ftype)
 
 
 def load_recipe(name_or_path: str) -> Recipe:
@@ -99,15 +110,45 @@ def keeps_f32(name: str, ndim: int) -> bool:
     return ndim == 1 or name.endswith("_norm.weight") or "ffn_gate_inp" in name or not name.endswith(".weight")
 
 
-def choose_type(name: str, shape: tuple[int, ...], recipe: Recipe, overrides: list[Rule]) -> GGMLQuantizationType:
-    """The type of one GGUF tensor (numpy `shape`, last axis = ne0)."""
-    if keeps_f32(name, len(shape)):
-        return T.F32
-    for rule in (*overrides, *recipe.rules):
+def _first_match(name: str, rules: list[Rule]) -> Rule | None:
+    for rule in rules:
         if rule.regex.search(name):
             rule.hits += 1
-            return fit_to_row(rule.qtype, shape[-1])
-    return fit_to_row(recipe.default, shape[-1])
+            return rule
+    return None
+
+
+def assign_types(
+    tensors: list[tuple[str, tuple[int, ...]]],
+    recipe: Recipe,
+    overrides: list[Rule],
+    cfg: ModelConfig,
+    has_imatrix: bool = False,
+) -> list[GGMLQuantizationType]:
+    """The type of every GGUF tensor (name, numpy shape; last axis = ne0), in file order.
+
+    Order of authority: F32-only tensors, then `--override`, then llama-quantize's rules when the
+    recipe names an ftype, then the recipe's own rules, then its default; the row-fit fallback last.
+    """
+    overridden = {name: r for name, _ in tensors if (r := _first_match(name, overrides)) is not None}
+    ftype_types: dict[str, GGMLQuantizationType] = {}
+    if recipe.ftype is not None:
+        from k2conv.quant.llama_ftypes import ftype_types as llama_types
+
+        candidates = [(n, s) for n, s in tensors if not keeps_f32(n, len(s))]
+        ftype_types = llama_types(recipe.ftype, cfg, candidates, has_imatrix, skip=set(overridden))
+    out = []
+    for name, shape in tensors:
+        if keeps_f32(name, len(shape)):
+            out.append(T.F32)
+        elif name in overridden:
+            out.append(fit_to_row(overridden[name].qtype, shape[-1]))
+        elif name in ftype_types:
+            out.append(ftype_types[name])
+        else:
+            rule = _first_match(name, recipe.rules)
+            out.append(fit_to_row(rule.qtype if rule else recipe.default, shape[-1]))
+    return out
 
 
 def check_all_rules_used(recipe: Recipe, overrides: list[Rule]) -> None:
