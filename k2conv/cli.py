@@ -6,6 +6,7 @@ K2ConvError, printed as one line with exit status 2 (nothing else is written).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def parse_size(text: str) -> int:
               help="Ordered type rules on GGUF tensor names, tried before the recipe's (repeatable).")
 @click.option("--split-max-size", default=None, metavar="SIZE",
               help="Write gguf-split shards of at most SIZE tensor bytes (e.g. 50G).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Processes quantizing in parallel.")
+@click.option("--workers", type=int, default=None,
+              help="Processes quantizing in parallel (default: one per CPU core, at most 8; ~300 MB each).")
 @click.option("--dry-run", is_flag=True, help="Print the exact plan (file sizes, bytes per type/class); write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--allow-inexact-scales", is_flag=True,
@@ -94,7 +96,7 @@ def parse_size(text: str) -> int:
 @click.option("--no-mmproj", is_flag=True, help="Do not write the vision projector.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], split_max_size: str | None,
-             workers: int, dry_run: bool, force: bool, allow_inexact_scales: bool, mmproj: Path | None,
+             workers: int | None, dry_run: bool, force: bool, allow_inexact_scales: bool, mmproj: Path | None,
              mmproj_type: str, no_mmproj: bool, quiet: bool) -> None:
     """Convert a Hugging Face Kimi checkpoint (SRC folder) into GGUF at OUT, in one streaming pass.
 
@@ -106,6 +108,8 @@ def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], spli
     from k2conv.convert.pipeline import make_plan, open_source, plan_report
     from k2conv.convert.writer import Options, check_outputs, write_plan
 
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
     if workers < 1:
         raise K2ConvError("--workers must be at least 1")
     cfg, ckpt = open_source(src)

@@ -269,3 +269,11 @@ def test_every_legacy_type_round_trips(synth_ckpt, tmp_path: Path) -> None:
             got = got[0]
         scale = np.abs(src_w).max()
         assert np.abs(got - src_w.reshape(got.shape)).max() <= step[tname] * scale, tname
+
+
+def test_workers_do_not_change_a_byte(synth_ckpt, tmp_path: Path) -> None:
+    src = synth_ckpt("k2-instruct")
+    one, two = tmp_path / "one.gguf", tmp_path / "two.gguf"
+    assert run_cli("quantize", src, one, "--recipe", "q8_0", "--workers", "1", "--quiet")[0] == 0
+    assert run_cli("quantize", src, two, "--recipe", "q8_0", "--workers", "2", "--quiet")[0] == 0
+    assert one.read_bytes() == two.read_bytes()
