@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,20 +73,17 @@ def unit_bytes(plan: Plan, unit: Unit) -> int:
 def _expert_bytes(ckpt: Checkpoint, t: PlannedTensor, w: LogicalWeight, expert: int, opts: Options) -> np.ndarray:
     if w.storage == INT4 and t.qtype == T.Q4_0:
         parts = ckpt.int4_parts(w)
-        if parts.scale_f32 is None:
-            f16, report = scales_to_f16(parts.scale_bits)
-        else:
-            f16 = parts.scale_f32.astype(np.float16)
-            report = None
-        if report is not None and report.inexact and not opts.allow_inexact_scales:
-            raise K2ConvError(
-                f"{ckpt.where(ckpt.config.tensor_prefix + w.module + '.weight_scale')}: {report.inexact} of "
-                f"{report.total} INT4 scales are not representable in float16 (e.g. {report.worst_value:g}); "
-                f"rerun with --override '{re.escape(t.name)}=F32' for an exact copy, or --allow-inexact-scales to "
-                f"round them (worst relative error {report.worst_rel_error:.3g})"
-            )
+        where = ckpt.where(ckpt.config.tensor_prefix + w.module + ".weight_scale")
+        f16, report = scales_to_f16(parts.scale_bits if parts.scale_f32 is None else parts.scale_f32)
+        if report.inexact:
+            what = (f"{where}: {report.inexact} of {report.total} INT4 scales are not representable in float16 "
+                    f"(e.g. {report.worst_value:g}, relative error after rounding {report.worst_rel_error:.3g})")
+            if not opts.allow_inexact_scales:
+                raise K2ConvError(f"{what}; rerun with --override '{re.escape(t.name)}=F32' for an exact copy, "
+                                  "or --allow-inexact-scales to round them")
+            _WARNINGS.append(f"warning: {what}: rounded (--allow-inexact-scales)")
         if not np.all(np.isfinite(f16)):
-            raise K2ConvError(f"{ckpt.where(ckpt.config.tensor_prefix + w.module + '.weight_scale')}: contains NaN or Inf")
+            raise K2ConvError(f"{where}: scale overflows float16 (|scale| > 65504); use --override '{re.escape(t.name)}=F32'")
         return repack_int4_to_q4_0(parts.packed, f16, parts.cols)
     return quantize(ckpt.read(w), t.qtype)
 
@@ -139,9 +137,10 @@ class _Sink:
 
 
 _WORKER: tuple[Checkpoint, Plan, Options, _Sink] | None = None
+_WARNINGS: list[str] = []  # filled by the unit being run, handed back to the parent with its result
 
 
-def _run_unit(unit: Unit) -> int:
+def _run_unit(unit: Unit) -> tuple[int, list[str]]:
     assert _WORKER is not None
     ckpt, plan, opts, sink = _WORKER
     t = plan.tensors[unit.tensor]
@@ -152,10 +151,14 @@ def _run_unit(unit: Unit) -> int:
     sink.write(t, offset, data)
     for w in t.sources if t.kind != EXPERTS else (t.sources[unit.expert],):
         ckpt.release(w)
-    return expected
+    warnings = _WARNINGS[:]
+    _WARNINGS.clear()
+    return expected, warnings
 
 
-def _run_units(ckpt: Checkpoint, plan: Plan, units: list[Unit], opts: Options, workers: int) -> Iterator[int]:
+def _run_units(
+    ckpt: Checkpoint, plan: Plan, units: list[Unit], opts: Options, workers: int
+) -> Iterator[tuple[int, list[str]]]:
     global _WORKER
     _WORKER = (ckpt, plan, opts, _Sink(plan))
     try:
@@ -201,8 +204,10 @@ def write_plan(ckpt: Checkpoint, plan: Plan, *, workers: int = 1, opts: Options 
     try:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                   disable=not progress, dynamic_ncols=True) as bar:
-            for n in _run_units(ckpt, plan, units, opts, workers):
+            for n, warnings in _run_units(ckpt, plan, units, opts, workers):
                 bar.update(n)
+                for line in warnings:
+                    print(line, file=sys.stderr, flush=True)
     except BaseException:
         for f in plan.files:
             temp_path(f.path).unlink(missing_ok=True)

@@ -30,9 +30,9 @@ class ScaleReport:
     worst_rel_error: float
 
 
-def scales_to_f16(scale_bits: np.ndarray) -> tuple[np.ndarray, ScaleReport]:
-    """bf16 scale bits → float16, and how many of them did not survive the narrowing exactly."""
-    f32 = bf16_bits_to_f32(scale_bits)
+def scales_to_f16(scales: np.ndarray) -> tuple[np.ndarray, ScaleReport]:
+    """Scales (bf16 bits as uint16, or float) → float16, and how many did not survive exactly."""
+    f32 = bf16_bits_to_f32(scales) if scales.dtype == np.uint16 else np.asarray(scales, dtype=np.float32)
     with np.errstate(over="ignore"):
         f16 = f32.astype(np.float16)
     back = f16.astype(np.float32)

@@ -277,3 +277,29 @@ def test_workers_do_not_change_a_byte(synth_ckpt, tmp_path: Path) -> None:
     assert run_cli("quantize", src, one, "--recipe", "q8_0", "--workers", "1", "--quiet")[0] == 0
     assert run_cli("quantize", src, two, "--recipe", "q8_0", "--workers", "2", "--quiet")[0] == 0
     assert one.read_bytes() == two.read_bytes()
+
+
+def test_int4_scale_float16_cannot_hold(synth_ckpt, tmp_path: Path) -> None:
+    """A bf16 scale below float16's range must not be rounded silently by the exact repack."""
+    from k2conv.convert.safetensors_reader import SafetensorsFile
+
+    ckpt = _copy(synth_ckpt("k2.5"), tmp_path)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    name = "language_model.model.layers.2.mlp.experts.3.up_proj.weight_scale"
+    shard = ckpt / index["weight_map"][name]
+    f = SafetensorsFile(shard)
+    start = f.data_start + f.entries[name].begin
+    f.close()
+    data = bytearray(shard.read_bytes())
+    data[start : start + 2] = np.array([0x3000], dtype="<u2").tobytes()  # bf16 2**-31: far below f16's range
+    shard.write_bytes(bytes(data))
+    _expect_error(ckpt, tmp_path, f"{name}: 1 of ")
+    out = tmp_path / "out.gguf"
+    code, text = run_cli("quantize", ckpt, out, "--quiet", "--no-mmproj", "--override", r"blk\.2\.ffn_up_exps=F32")
+    assert code == 0, text
+    t = next(t for t in GGUFReader(out).tensors if t.name == "blk.2.ffn_up_exps.weight")
+    w = next(w for w in Checkpoint(ckpt).weights if w.module.endswith("layers.2.mlp.experts.3.up_proj"))
+    np.testing.assert_array_equal(np.asarray(t.data)[3], Checkpoint(ckpt).read(w))  # exact in F32
+    result = CliRunner().invoke(main, ["quantize", str(ckpt), str(out), "--quiet", "--no-mmproj", "--force",
+                                       "--allow-inexact-scales"])  # fmt: skip
+    assert result.exit_code == 0 and "warning:" in result.output and "rounded" in result.output
