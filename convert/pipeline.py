@@ -13,6 +13,7 @@ from k2conv.convert.gguf_meta import add_model_metadata
 from k2conv.convert.naming import tensor_class
 from k2conv.convert.plan import Plan, build_plan, plan_tensors
 from k2conv.errors import K2ConvError
+from k2conv.quant.imatrix import Imatrix, check_against_plan
 from k2conv.quant.recipe import load_recipe, parse_overrides
 
 
@@ -23,11 +24,18 @@ def make_plan(
     recipe_name: str,
     overrides: list[str] = (),  # type: ignore[assignment]
     split_max_size: int = 0,
+    imatrix: Imatrix | None = None,
+    imatrix_path: Path | None = None,
 ) -> Plan:
     """The full plan for converting `src` (a checkpoint folder, or None for a bare config)."""
     recipe = load_recipe(recipe_name)
     rules = parse_overrides(list(overrides))
-    tensors = plan_tensors(cfg, recipe, rules)
+    tensors = plan_tensors(cfg, recipe, rules, has_imatrix=imatrix is not None)
+    if imatrix is not None:
+        problems = check_against_plan(imatrix, tensors)
+        errors = [p.removeprefix("error: ") for p in problems if p.startswith("error: ")]
+        if errors:
+            raise K2ConvError(errors[0])
     vocab = None
     if src is not None:
         from k2conv.convert.tokenizer import load_vocab
@@ -41,6 +49,13 @@ def make_plan(
             from k2conv.convert.tokenizer import add_vocab
 
             add_vocab(w, vocab)
+        if imatrix is not None:  # the keys llama-quantize adds
+            w.add_string("quantize.imatrix.file", str(imatrix_path.name if imatrix_path else imatrix.source))
+            if imatrix.datasets:
+                w.add_string("quantize.imatrix.dataset", imatrix.datasets[0])
+            w.add_int32("quantize.imatrix.entries_count", len(imatrix.entries))
+            if imatrix.chunk_count:
+                w.add_int32("quantize.imatrix.chunks_count", imatrix.chunk_count)
 
     plan = build_plan(
         cfg, tensors, out, add_metadata, recipe_name=recipe.name, split_max_size=split_max_size,

@@ -22,6 +22,7 @@ from k2conv.convert.checkpoint import Checkpoint
 from k2conv.convert.hf_layout import INT4, LogicalWeight
 from k2conv.convert.plan import EXPERTS, K_B, V_B, Plan, PlannedTensor
 from k2conv.errors import K2ConvError
+from k2conv.quant.imatrix import Imatrix, quantizer_weights
 from k2conv.quant.int4_repack import repack_int4_to_q4_0, scales_to_f16
 from k2conv.quant.quantize import quantize
 from k2conv.quant.types import T, row_bytes
@@ -42,6 +43,14 @@ class Unit:
 @dataclass
 class Options:
     allow_inexact_scales: bool = False
+    imatrix: Imatrix | None = None  # importance weights, llama-quantize's --imatrix
+
+
+def importance(opts: Options, t: PlannedTensor) -> np.ndarray | None:
+    """[n_mat, ne0] weights llama-quantize would hand ggml for this tensor (None: quantize without)."""
+    if opts.imatrix is None:
+        return None
+    return quantizer_weights(opts.imatrix, t.name, t.shape)
 
 
 def units_of(plan: Plan) -> list[Unit]:
@@ -85,7 +94,8 @@ def _expert_bytes(ckpt: Checkpoint, t: PlannedTensor, w: LogicalWeight, expert: 
         if not np.all(np.isfinite(f16)):
             raise K2ConvError(f"{where}: scale overflows float16 (|scale| > 65504); use --override '{re.escape(t.name)}=F32'")
         return repack_int4_to_q4_0(parts.packed, f16, parts.cols)
-    return quantize(ckpt.read(w), t.qtype)
+    weights = importance(opts, t)
+    return quantize(ckpt.read(w), t.qtype, None if weights is None else weights[expert])
 
 
 def produce(ckpt: Checkpoint, t: PlannedTensor, unit: Unit, opts: Options) -> tuple[int, np.ndarray]:
@@ -102,11 +112,17 @@ def produce(ckpt: Checkpoint, t: PlannedTensor, unit: Unit, opts: Options) -> tu
             part = kv_b[:, : cfg.qk_nope_head_dim, :].transpose(0, 2, 1)  # (heads, kv_lora, nope)
         else:
             part = kv_b[:, cfg.qk_nope_head_dim :, :]  # (heads, v, kv_lora)
-        return 0, quantize(np.ascontiguousarray(part), t.qtype)
+        weights = importance(opts, t)
+        if weights is None:
+            return 0, quantize(np.ascontiguousarray(part), t.qtype)
+        # One importance vector per head: llama-quantize quantizes each ne2 slice on its own.
+        return 0, np.concatenate([quantize(np.ascontiguousarray(part[h]), t.qtype, weights[h]) for h in range(len(part))])
+    weights = importance(opts, t)
+    row_weights = None if weights is None else weights[0]
     if unit.row_stop >= 0:
         data = ckpt.read(w, slice(unit.row_start, unit.row_stop))
-        return unit.row_start * row_bytes(t.qtype, t.shape[-1]), quantize(data, t.qtype)
-    return 0, quantize(ckpt.read(w), t.qtype)
+        return unit.row_start * row_bytes(t.qtype, t.shape[-1]), quantize(data, t.qtype, row_weights)
+    return 0, quantize(ckpt.read(w), t.qtype, row_weights)
 
 
 # ---- running ----------------------------------------------------------------------------------

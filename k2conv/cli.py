@@ -83,6 +83,8 @@ def parse_size(text: str) -> int:
               help="Ordered type rules on GGUF tensor names, tried before the recipe's (repeatable).")
 @click.option("--split-max-size", default=None, metavar="SIZE",
               help="Write gguf-split shards of at most SIZE tensor bytes (e.g. 50G).")
+@click.option("--imatrix", "imatrix_path", type=click.Path(path_type=Path), default=None,
+              help="llama.cpp importance matrix (GGUF or legacy .dat) for the block quantizers.")
 @click.option("--workers", type=int, default=None,
               help="Processes quantizing in parallel (default: one per CPU core, at most 8; ~300 MB each).")
 @click.option("--dry-run", is_flag=True, help="Print the exact plan (file sizes, bytes per type/class); write nothing.")
@@ -96,7 +98,7 @@ def parse_size(text: str) -> int:
 @click.option("--no-mmproj", is_flag=True, help="Do not write the vision projector.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], split_max_size: str | None,
-             workers: int | None, dry_run: bool, force: bool, allow_inexact_scales: bool, mmproj: Path | None,
+             imatrix_path: Path | None, workers: int | None, dry_run: bool, force: bool, allow_inexact_scales: bool, mmproj: Path | None,
              mmproj_type: str, no_mmproj: bool, quiet: bool) -> None:
     """Convert a Hugging Face Kimi checkpoint (SRC folder) into GGUF at OUT, in one streaming pass.
 
@@ -116,7 +118,12 @@ def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], spli
     if ckpt is None and not dry_run:
         raise K2ConvError(f"{src}: a bare config can only be planned (--dry-run); give the checkpoint folder")
     split = parse_size(split_max_size) if split_max_size else 0
-    plan = make_plan(cfg, Path(src) if ckpt else None, out, recipe, list(overrides), split)
+    imatrix = None
+    if imatrix_path is not None:
+        from k2conv.quant.imatrix import read_imatrix
+
+        imatrix = read_imatrix(imatrix_path)
+    plan = make_plan(cfg, Path(src) if ckpt else None, out, recipe, list(overrides), split, imatrix, imatrix_path)
     mm_plan = None
     if ckpt is not None and not no_mmproj:
         from k2conv.convert.mmproj import default_mmproj_path, mmproj_status, plan_mmproj
@@ -137,7 +144,7 @@ def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], spli
     check_outputs(plan, force)
     if mm_plan is not None and mm_plan.out.exists() and not force:
         raise K2ConvError(f"{mm_plan.out}: output exists (use --force to overwrite)")
-    write_plan(ckpt, plan, workers=workers, opts=Options(allow_inexact_scales), progress=not quiet)
+    write_plan(ckpt, plan, workers=workers, opts=Options(allow_inexact_scales, imatrix), progress=not quiet)
     for f in plan.files:
         click.echo(f"wrote {f.path} ({f.size:,} bytes)")
     if mm_plan is not None:
