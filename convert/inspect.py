@@ -8,6 +8,7 @@ from pathlib import Path
 from k2conv.convert.hf_layout import logical_weights
 from k2conv.convert.naming import expert_of, tensor_class
 from k2conv.convert.pipeline import human, make_plan, open_source
+from k2conv.errors import K2ConvError
 from k2conv.quant.recipe import builtin_names
 
 
@@ -43,9 +44,13 @@ def inspect_report(src: Path) -> str:
     lines.append("predicted GGUF size per built-in recipe:")
     folder = Path(src) if ckpt is not None else None
     for name in builtin_names():
-        plan = make_plan(cfg, folder, Path("model.gguf"), name)
+        try:
+            plan = make_plan(cfg, folder, Path("model.gguf"), name)
+        except K2ConvError as exc:  # e.g. an ftype that needs an imatrix
+            lines.append(f"  {name:16s} {'—':>20s}  ({exc})")
+            continue
         approx = "" if plan.header_exact else " (header estimated without tokenizer)"
-        lines.append(f"  {name:12s} {plan.total_size:>20,} bytes  {human(plan.total_size):>12s}{approx}")
+        lines.append(f"  {name:16s} {plan.total_size:>20,} bytes  {human(plan.total_size):>12s}{approx}")
     if ckpt is not None:
         ckpt.close()
     return "\n".join(lines)

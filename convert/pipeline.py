@@ -36,6 +36,14 @@ def make_plan(
         errors = [p.removeprefix("error: ") for p in problems if p.startswith("error: ")]
         if errors:
             raise K2ConvError(errors[0])
+        if recipe.ftype is not None:
+            from k2conv.quant.imatrix import quantizer_weights
+            from k2conv.quant.llama_ftypes import requires_imatrix
+
+            for t in tensors:  # llama-quantize bails out on these rather than write garbage
+                if requires_imatrix(t.name, t.qtype, recipe.ftype) and quantizer_weights(imatrix, t.name, t.shape) is None:
+                    raise K2ConvError(f"{imatrix.source}: no importance data for {t.name}, which {recipe.ftype} "
+                                      f"quantizes to {t.qtype.name} (llama-quantize refuses this too)")
     vocab = None
     if src is not None:
         from k2conv.convert.tokenizer import load_vocab
@@ -57,9 +65,14 @@ def make_plan(
             if imatrix.chunk_count:
                 w.add_int32("quantize.imatrix.chunks_count", imatrix.chunk_count)
 
+    file_type = None
+    if recipe.ftype is not None:
+        from k2conv.quant.llama_ftypes import FILE_TYPE_IDS
+
+        file_type = FILE_TYPE_IDS[recipe.ftype]
     plan = build_plan(
         cfg, tensors, out, add_metadata, recipe_name=recipe.name, split_max_size=split_max_size,
-        header_exact=vocab is not None,
+        header_exact=vocab is not None, file_type=file_type,
     )
     if cfg.vision is not None:
         plan.notes.append("vision tower and projector are not part of the text GGUF (see --mmproj)")

@@ -102,36 +102,46 @@ def serialize_headers(writer: GGUFWriter) -> list[bytes]:
     return [b.getvalue() for b in buffers]
 
 
-def plan_tensors(cfg: ModelConfig, recipe: Recipe, overrides: list[Rule], has_imatrix: bool = False) -> list[PlannedTensor]:
-    """Output tensors in file order, each with its type chosen by the recipe."""
-    layout: list[tuple[str, tuple[int, ...], str, tuple[LogicalWeight, ...]]] = []
-    experts: dict[tuple[int, str], list[LogicalWeight]] = {}
+Layout = list[tuple[str, tuple[int, ...], str, tuple[LogicalWeight, ...]]]
+_LAYOUTS: dict[str, Layout] = {}
+
+
+def plan_layout(cfg: ModelConfig) -> Layout:
+    """(GGUF name, numpy shape, kind, source weights) of every output tensor, in file order.
+
+    Depends on the config alone, so it is computed once per config (inspect plans ~20 recipes of a
+    70k-weight model).
+    """
+    key = repr(cfg)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    layout: Layout = []
     weights = logical_weights(cfg)
-
-    def add(name: str, shape: tuple[int, ...], kind: str, sources: tuple[LogicalWeight, ...]) -> None:
-        layout.append((name, shape, kind, sources))
-
-    for w in weights:
-        ex = expert_of(w.module)
+    where = [expert_of(w.module) for w in weights]
+    experts: dict[tuple[int, str], list[LogicalWeight]] = {}
+    for w, ex in zip(weights, where):
         if ex is not None:
             experts.setdefault((ex[0], ex[2]), []).append(w)
-    done_experts: set[tuple[int, str]] = set()
-    for w in weights:
-        ex = expert_of(w.module)
+    for w, ex in zip(weights, where):
         if ex is not None:
             layer, _, proj = ex
-            if (layer, proj) in done_experts:
-                continue
-            done_experts.add((layer, proj))
-            group = tuple(experts[(layer, proj)])
-            add(experts_name(layer, proj), (len(group), *w.shape), EXPERTS, group)
+            group = experts[(layer, proj)]
+            if w is group[0]:
+                layout.append((experts_name(layer, proj), (len(group), *w.shape), EXPERTS, tuple(group)))
         elif w.module.endswith("self_attn.kv_b_proj"):
             nh = cfg.num_attention_heads
             layer = w.module.split(".")[2]  # model.layers.N.self_attn.kv_b_proj
-            add(f"blk.{layer}.attn_k_b.weight", (nh, cfg.kv_lora_rank, cfg.qk_nope_head_dim), K_B, (w,))
-            add(f"blk.{layer}.attn_v_b.weight", (nh, cfg.v_head_dim, cfg.kv_lora_rank), V_B, (w,))
+            layout.append((f"blk.{layer}.attn_k_b.weight", (nh, cfg.kv_lora_rank, cfg.qk_nope_head_dim), K_B, (w,)))
+            layout.append((f"blk.{layer}.attn_v_b.weight", (nh, cfg.v_head_dim, cfg.kv_lora_rank), V_B, (w,)))
         else:
-            add(gguf_name(w.module, w.suffix), w.shape, WEIGHT, (w,))
+            layout.append((gguf_name(w.module, w.suffix), w.shape, WEIGHT, (w,)))
+    _LAYOUTS[key] = layout
+    return layout
+
+
+def plan_tensors(cfg: ModelConfig, recipe: Recipe, overrides: list[Rule], has_imatrix: bool = False) -> list[PlannedTensor]:
+    """Output tensors in file order, each with its type chosen by the recipe."""
+    layout = plan_layout(cfg)
     types = assign_types([(n, s) for n, s, _, _ in layout], recipe, overrides, cfg, has_imatrix)
     check_all_rules_used(recipe, overrides)
     return [
@@ -149,6 +159,7 @@ def build_plan(
     recipe_name: str,
     split_max_size: int = 0,
     header_exact: bool = True,
+    file_type: int | None = None,
 ) -> Plan:
     """Assign tensors to files (gguf-split rules) and serialize each file's header.
 
@@ -158,7 +169,7 @@ def build_plan(
     counts: dict[GGMLQuantizationType, int] = {}
     for t in tensors:
         counts[t.qtype] = counts.get(t.qtype, 0) + t.nbytes
-    add_metadata(writer, file_type_of(counts))
+    add_metadata(writer, file_type if file_type is not None else file_type_of(counts))
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
     headers = serialize_headers(writer)

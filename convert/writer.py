@@ -8,18 +8,33 @@ every byte is written and fsynced.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from k2conv.atomic import commit, temp_path
 from k2conv.convert.checkpoint import Checkpoint
 from k2conv.convert.hf_layout import INT4, LogicalWeight
+from k2conv.convert.journal import (
+    Journal,
+    crc32,
+    input_identity,
+    journal_path,
+    load_journal,
+    plan_hash,
+    refuse,
+    why_not_resumable,
+)
 from k2conv.convert.plan import EXPERTS, K_B, V_B, Plan, PlannedTensor
 from k2conv.errors import K2ConvError
 from k2conv.quant.imatrix import Imatrix, quantizer_weights
@@ -156,45 +171,72 @@ _WORKER: tuple[Checkpoint, Plan, Options, _Sink] | None = None
 _WARNINGS: list[str] = []  # filled by the unit being run, handed back to the parent with its result
 
 
-def _run_unit(unit: Unit) -> tuple[int, list[str]]:
+_TEST_DELAY = float(os.environ.get("K2CONV_TEST_UNIT_DELAY", "0"))  # lets tests land signals mid-run
+
+
+def _run_unit(job: tuple[int, Unit]) -> tuple[int, int, int, list[str]]:
+    """Produce and write one unit; (unit index, bytes, CRC-32 of the bytes, warnings)."""
     assert _WORKER is not None
+    if _TEST_DELAY:
+        time.sleep(_TEST_DELAY)
     ckpt, plan, opts, sink = _WORKER
+    index, unit = job
     t = plan.tensors[unit.tensor]
     offset, data = produce(ckpt, t, unit, opts)
     expected = unit_bytes(plan, unit)
     if data.nbytes != expected:  # pragma: no cover - a planner/quantizer disagreement is a bug
         raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, plan says {expected}")
     sink.write(t, offset, data)
+    crc = crc32(memoryview(np.ascontiguousarray(data).reshape(-1)))
     for w in t.sources if t.kind != EXPERTS else (t.sources[unit.expert],):
         ckpt.release(w)
     warnings = _WARNINGS[:]
     _WARNINGS.clear()
-    return expected, warnings
+    return index, expected, crc, warnings
 
 
 def _run_units(
-    ckpt: Checkpoint, plan: Plan, units: list[Unit], opts: Options, workers: int
-) -> Iterator[tuple[int, list[str]]]:
+    ckpt: Checkpoint, plan: Plan, jobs: list[tuple[int, Unit]], opts: Options, workers: int
+) -> Iterator[tuple[int, int, int, list[str]]]:
+    """Run jobs in this process or in forked workers, yielding results as they finish.
+
+    A bounded window of submitted jobs keeps the parent small for 100k-unit plans; a worker
+    that dies (OOM killer, kill -9) surfaces as BrokenProcessPool instead of a hang.
+    """
     global _WORKER
     _WORKER = (ckpt, plan, opts, _Sink(plan))
     try:
         if workers <= 1:
-            for u in units:
-                yield _run_unit(u)
+            for job in jobs:
+                yield _run_unit(job)
             return
         import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-        with mp.get_context("fork").Pool(workers) as pool:
-            yield from pool.imap_unordered(_run_unit, units, chunksize=1)
+        pending = iter(jobs)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            running = {pool.submit(_run_unit, job) for job in itertools.islice(pending, 4 * workers)}
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield fut.result()
+                running |= {pool.submit(_run_unit, job) for job in itertools.islice(pending, len(done))}
     finally:
         _WORKER[3].close()
         _WORKER = None
 
 
+class Interrupted(K2ConvError):
+    """Ctrl-C / SIGTERM: the journal is consistent, rerunning the same command resumes."""
+
+    exit_code = 130
+
+
 def check_outputs(plan: Plan, force: bool) -> None:
     """Refuse to overwrite without --force, and refuse to start without room for every byte."""
+    resuming = journal_path(plan.files[0].path).exists()  # an interrupted run may have renamed some files
     for f in plan.files:
-        if f.path.exists() and not force:
+        if f.path.exists() and not force and not resuming:
             raise K2ConvError(f"{f.path}: output exists (use --force to overwrite)")
     folder = plan.files[0].path.parent
     if not folder.is_dir():
@@ -206,27 +248,126 @@ def check_outputs(plan: Plan, force: bool) -> None:
         raise K2ConvError(f"{folder}: not enough disk space: the plan needs {need:,} bytes, {free:,} are free")
 
 
-def write_plan(ckpt: Checkpoint, plan: Plan, *, workers: int = 1, opts: Options | None = None, progress: bool = True) -> None:
-    """Write every file of the plan under temporary names, then fsync and rename them."""
-    from tqdm import tqdm
+def _verified(plan: Plan, units: list[Unit], finished: dict[int, int]) -> dict[int, int]:
+    """The journaled units whose bytes in the temporary files still have the recorded CRC."""
+    where = plan.locate()
+    fds = {i: os.open(temp_path(f.path), os.O_RDONLY) for i, f in enumerate(plan.files)}
+    good = {}
+    try:
+        for index, crc in finished.items():
+            if not 0 <= index < len(units):
+                continue
+            unit = units[index]
+            t = plan.tensors[unit.tensor]
+            file_index, base = where[t.name]
+            offset = unit_offset(plan, unit)
+            data = os.pread(fds[file_index], unit_bytes(plan, unit), base + offset)
+            if crc32(data) == crc:
+                good[index] = crc
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return good
 
-    opts = opts or Options()
+
+def unit_offset(plan: Plan, unit: Unit) -> int:
+    """Byte offset of a unit inside its tensor (the same arithmetic `produce` uses)."""
+    t = plan.tensors[unit.tensor]
+    if unit.expert >= 0:
+        return unit.expert * (t.nbytes // t.shape[0])
+    if unit.row_stop >= 0:
+        return unit.row_start * row_bytes(t.qtype, t.shape[-1])
+    return 0
+
+
+def _start_journal(plan: Plan, units: list[Unit], opts: Options, inputs: list[Path], restart: bool) -> Journal:
+    """Resume the interrupted run if it is the same run, else start a fresh one."""
+    jpath = journal_path(plan.files[0].path)
+    new = Journal(jpath, plan_hash([f.header for f in plan.files] + [str(f.path).encode() for f in plan.files]),
+                  {"allow_inexact_scales": opts.allow_inexact_scales}, input_identity(inputs))
+    old = None if restart else load_journal(jpath)
+    if old is not None:
+        reason = why_not_resumable(old, new)
+        if reason is not None:
+            raise refuse(jpath, reason)
+        temps = [temp_path(f.path) for f in plan.files]
+        if old.done or all(t.exists() and t.stat().st_size == f.size for t, f in zip(temps, plan.files)):
+            if not old.done:
+                old.finished = _verified(plan, units, old.finished)
+            old.reopen()
+            return old
     for f in plan.files:
         with open(temp_path(f.path), "wb") as out:
             out.write(f.header)
             out.truncate(f.size)  # zero padding everywhere; tensor bytes land at planned offsets
+    new.create()
+    return new
+
+
+def _finish(plan: Plan, journal: Journal) -> None:
+    """All bytes written: make them durable, mark the journal, then rename (resumable too)."""
+    if not journal.done:
+        for f in plan.files:
+            fd = os.open(temp_path(f.path), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        journal.mark_done()
+    for f in plan.files:
+        if temp_path(f.path).exists():
+            commit(temp_path(f.path), f.path)
+        elif not f.path.exists():
+            raise K2ConvError(f"{f.path}: neither the output nor its temporary file exists; rerun with --restart")
+    journal.close()
+    journal.path.unlink(missing_ok=True)
+
+
+def write_plan(ckpt: Checkpoint, plan: Plan, *, workers: int = 1, opts: Options | None = None, progress: bool = True,
+               inputs: list[Path] | None = None, restart: bool = False) -> None:
+    """Write every file of the plan under temporary names, then fsync and rename them.
+
+    A journal beside the first temporary file makes the run resumable: rerunning the same
+    command after a crash or Ctrl-C redoes only the units not recorded as finished.
+    """
+    from tqdm import tqdm
+
+    opts = opts or Options()
     units = units_of(plan)
+    journal = _start_journal(plan, units, opts, inputs or [], restart)
+    jobs = [(i, u) for i, u in enumerate(units) if i not in journal.finished]
     total = sum(t.nbytes for t in plan.tensors)
+    done_bytes = sum(unit_bytes(plan, units[i]) for i in journal.finished)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
+        with tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
                   disable=not progress, dynamic_ncols=True) as bar:
-            for n, warnings in _run_units(ckpt, plan, units, opts, workers):
+            for index, n, crc, warnings in _run_units(ckpt, plan, jobs, opts, workers):
+                journal.record(index, crc)
                 bar.update(n)
                 for line in warnings:
                     print(line, file=sys.stderr, flush=True)
-    except BaseException:
+        _finish(plan, journal)
+    except KeyboardInterrupt:
+        journal.close()
+        raise Interrupted(
+            f"interrupted: {len(journal.finished)} of {len(units)} units saved in {journal.path}; "
+            "rerun the same command to resume"
+        ) from None
+    except K2ConvError:
+        journal.close()  # bad input: nothing worth resuming
         for f in plan.files:
             temp_path(f.path).unlink(missing_ok=True)
+        journal.path.unlink(missing_ok=True)
         raise
-    for f in plan.files:
-        commit(temp_path(f.path), f.path)
+    except BaseException:
+        journal.close()  # e.g. a worker killed: keep the journal, the run can resume
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -83,12 +83,16 @@ def parse_size(text: str) -> int:
               help="Ordered type rules on GGUF tensor names, tried before the recipe's (repeatable).")
 @click.option("--split-max-size", default=None, metavar="SIZE",
               help="Write gguf-split shards of at most SIZE tensor bytes (e.g. 50G).")
+@click.option("--target-size", default=None, metavar="SIZE",
+              help="Choose every matrix's type so the GGUF lands within 0.5% under SIZE (e.g. 380G), "
+                   "least estimated error; prints the mix and the equivalent --override rules.")
 @click.option("--imatrix", "imatrix_path", type=click.Path(path_type=Path), default=None,
               help="llama.cpp importance matrix (GGUF or legacy .dat) for the block quantizers.")
 @click.option("--workers", type=int, default=None,
               help="Processes quantizing in parallel (default: one per CPU core, at most 8; ~300 MB each).")
 @click.option("--dry-run", is_flag=True, help="Print the exact plan (file sizes, bytes per type/class); write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--restart", is_flag=True, help="Discard an interrupted run's progress instead of resuming it.")
 @click.option("--allow-inexact-scales", is_flag=True,
               help="INT4→Q4_0: round scales float16 cannot hold (reported) instead of stopping.")
 @click.option("--mmproj", type=click.Path(path_type=Path), default=None,
@@ -98,9 +102,12 @@ def parse_size(text: str) -> int:
 @click.option("--no-mmproj", is_flag=True, help="Do not write the vision projector.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], split_max_size: str | None,
-             imatrix_path: Path | None, workers: int | None, dry_run: bool, force: bool, allow_inexact_scales: bool, mmproj: Path | None,
+             target_size: str | None, imatrix_path: Path | None, workers: int | None, dry_run: bool, force: bool, restart: bool, allow_inexact_scales: bool, mmproj: Path | None,
              mmproj_type: str, no_mmproj: bool, quiet: bool) -> None:
     """Convert a Hugging Face Kimi checkpoint (SRC folder) into GGUF at OUT, in one streaming pass.
+
+    \b
+    A killed or interrupted run resumes when the same command is run again (--restart discards).
 
     \b
     Examples:
@@ -123,6 +130,19 @@ def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], spli
         from k2conv.quant.imatrix import read_imatrix
 
         imatrix = read_imatrix(imatrix_path)
+    if target_size:
+        from k2conv.quant.solver import solve_target_size
+
+        weights = None
+        if imatrix is not None:
+            from k2conv.convert.plan import plan_layout
+            from k2conv.quant.imatrix import quantizer_weights
+
+            weights = {n: w for n, shape, _, _ in plan_layout(cfg) if (w := quantizer_weights(imatrix, n, shape)) is not None}
+        solved = solve_target_size(cfg, parse_size(target_size), ckpt=ckpt, imatrix=weights, base_recipe=recipe,
+                                   overrides=list(overrides), split_max_size=split, out=out)  # fmt: skip
+        click.echo(solved.report())
+        overrides = (*overrides, *solved.overrides)
     plan = make_plan(cfg, Path(src) if ckpt else None, out, recipe, list(overrides), split, imatrix, imatrix_path)
     mm_plan = None
     if ckpt is not None and not no_mmproj:
@@ -144,7 +164,9 @@ def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], spli
     check_outputs(plan, force)
     if mm_plan is not None and mm_plan.out.exists() and not force:
         raise K2ConvError(f"{mm_plan.out}: output exists (use --force to overwrite)")
-    write_plan(ckpt, plan, workers=workers, opts=Options(allow_inexact_scales, imatrix), progress=not quiet)
+    inputs = [p for p in Path(src).iterdir() if p.is_file()] + ([imatrix_path] if imatrix_path else [])
+    write_plan(ckpt, plan, workers=workers, opts=Options(allow_inexact_scales, imatrix), progress=not quiet,
+               inputs=inputs, restart=restart)
     for f in plan.files:
         click.echo(f"wrote {f.path} ({f.size:,} bytes)")
     if mm_plan is not None:

@@ -731,3 +731,50 @@ def test_whatever_we_accept_llama_quantize_loads_to_the_same_values(
             w = quantizer_weights(ours, name, (1, 1, e.n_values))
             assert w is not None and np.array_equal(w.reshape(-1).view(np.uint32), llama[name].view(np.uint32)), (fmt, ops, name)
     assert accepted >= 50, accepted
+
+
+@pytest.mark.oracle
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K_S"])
+def test_k2conv_quantize_with_imatrix_equals_llama_quantize(
+    llama_quantize: Path, synth_ckpt, f32_model: Path, tmp_path: Path, ftype: str
+) -> None:
+    """End to end: `k2conv quantize SRC --recipe FTYPE --imatrix F` straight from the HF checkpoint
+    writes the same tensor types and bytes as llama-quantize --imatrix F on our F32 GGUF."""
+    rng = np.random.default_rng(3)
+    entries = {}
+    for t in GGUFReader(f32_model).tensors:  # every matrix llama-quantize quantizes (Q2_K_S needs them all)
+        ne = [int(d) for d in t.shape]
+        if len(ne) >= 2 and t.name.startswith("blk.") and "ffn_gate_inp" not in t.name:
+            n_mat = ne[2] if len(ne) > 2 else 1
+            sums = rng.lognormal(0.0, 2.0, (n_mat, ne[0])).astype(np.float32)
+            entries[t.name] = ImatrixEntry(sums, rng.integers(0, 50, n_mat).astype(np.int64))
+    im = Imatrix(entries, datasets=["synthetic"], chunk_count=4, chunk_size=512)
+    path = tmp_path / "im.gguf"
+    write_imatrix_gguf(path, im)
+    ref = tmp_path / "ref.gguf"
+    done = subprocess.run([str(llama_quantize), "--imatrix", str(path), str(f32_model), str(ref), ftype, "2"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ours = tmp_path / "ours.gguf"
+    result = CliRunner().invoke(main, ["quantize", str(synth_ckpt("k2.5")), str(ours), "--recipe", ftype,
+                                       "--imatrix", str(path), "--quiet", "--no-mmproj"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    theirs = {t.name: (t.tensor_type, bytes(np.asarray(t.data).tobytes())) for t in GGUFReader(ref).tensors}
+    mine = {t.name: (t.tensor_type, bytes(np.asarray(t.data).tobytes())) for t in GGUFReader(ours).tensors}
+    assert set(mine) == set(theirs)
+    for name in theirs:
+        assert mine[name][0] == theirs[name][0], name
+        assert mine[name][1] == theirs[name][1], name
+
+
+def test_imatrix_for_another_model_is_one_clear_error(synth_ckpt, tmp_path: Path) -> None:
+    other = Imatrix({"blk.0.attn_q_b.weight": ImatrixEntry(np.ones((1, 999), np.float32), np.ones(1, np.int64))})
+    path = tmp_path / "other.gguf"
+    write_imatrix_gguf(path, other)
+    out = tmp_path / "x.gguf"
+    result = CliRunner().invoke(main, ["quantize", str(synth_ckpt("k2.5")), str(out), "--recipe", "Q4_K_M",
+                                       "--imatrix", str(path), "--quiet"])  # fmt: skip
+    assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert "blk.0.attn_q_b.weight" in result.output
+    assert not out.exists()

@@ -1,0 +1,119 @@
+"""Kill `k2conv quantize` anywhere, rerun it, get the same bytes; never a half file under the final name."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+K2CONV = [sys.executable, "-m", "k2conv.cli"]
+
+
+def digest(paths: list[Path]) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def outputs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.gguf"))
+
+
+def start(src: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [*K2CONV, "quantize", str(src), str(out), "--recipe", "q8_0", "--quiet", "--no-mmproj", "--workers", "2", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", [False, True])
+def test_kill_9_anywhere_then_resume_gives_identical_bytes(synth_ckpt, tmp_path: Path, split: bool) -> None:
+    src = synth_ckpt("k2.5")
+    extra = ("--split-max-size", "3M") if split else ()
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    t0 = time.perf_counter()
+    proc = start(src, ref_dir / "m.gguf", *extra)
+    assert proc.wait() == 0, proc.stderr.read()
+    full = time.perf_counter() - t0
+    reference = digest(outputs(ref_dir))
+    rng = np.random.default_rng(7 + split)
+    moments = np.sort(rng.uniform(0.05, 1.1, 10)) * full  # spread over the run, some after it ends
+    resumed = 0
+    for i, moment in enumerate(moments):
+        work = tmp_path / f"run{i}"
+        work.mkdir()
+        out = work / "m.gguf"
+        proc = start(src, out, *extra)
+        time.sleep(moment)
+        with pytest.raises(ProcessLookupError) if proc.poll() is not None else _nullcontext():
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # whatever is under a final name must be complete and correct
+        for p in outputs(work):
+            assert digest([p])[p.name] == reference[p.name], f"partial file under final name after kill at {moment:.2f}s"
+        interrupted = any(work.glob("*.journal")) or any(work.glob("*.part"))
+        resumed += any(work.glob("*.journal"))
+        if interrupted or digest(outputs(work)) != reference:  # else the kill came after a finished run
+            proc = start(src, out, *extra)
+            assert proc.wait() == 0, proc.stderr.read()
+        assert digest(outputs(work)) == reference
+        assert not list(work.glob("*.part")) and not list(work.glob("*.journal"))
+    assert resumed >= 3  # some kills really landed mid-run and were resumed
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+def test_sigint_stops_quickly_and_resumes(synth_ckpt, tmp_path: Path) -> None:
+    src = synth_ckpt("k2-instruct")
+    ref = tmp_path / "ref.gguf"
+    assert subprocess.run([*K2CONV, "quantize", str(src), str(ref), "--recipe", "f32", "--quiet", "--workers", "1"]).returncode == 0
+    out = tmp_path / "m.gguf"
+    cmd = [*K2CONV, "quantize", str(src), str(out), "--recipe", "f32", "--quiet", "--workers", "1"]
+    env = {**os.environ, "K2CONV_TEST_UNIT_DELAY": "0.05"}  # slow each unit so the signal lands mid-run
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    journal = tmp_path / "m.gguf.part.journal"
+    deadline = time.time() + 60
+    while not (journal.exists() and journal.read_text().count("\n") >= 4) and time.time() < deadline:
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait()
+    assert time.perf_counter() - t0 < 2.0
+    err = proc.stderr.read()
+    assert code == 130 and "rerun the same command to resume" in err, err
+    assert not out.exists() and journal.exists()
+    assert subprocess.run(cmd).returncode == 0
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_changed_input_refuses_to_resume(synth_ckpt, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(synth_ckpt("k2-thinking"), src)
+    out = tmp_path / "m.gguf"
+    cmd = [*K2CONV, "quantize", str(src), str(out), "--recipe", "f32", "--quiet", "--workers", "1"]
+    env = {**os.environ, "K2CONV_TEST_UNIT_DELAY": "0.05"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    journal = tmp_path / "m.gguf.part.journal"
+    while not (journal.exists() and journal.read_text().count("\n") >= 3):
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 2 and "cannot resume: input changed" in run.stderr and shard.name in run.stderr
+    assert not out.exists()
+    assert subprocess.run([*cmd, "--restart"]).returncode == 0 and out.exists()
