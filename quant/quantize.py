@@ -1,6 +1,7 @@
 """One entry point, float32 rows in → quantized bytes out, for every type k2conv writes.
 
-F32/F16 are numpy casts and BF16 comes from the `gguf` package. Every block type (Q8_0, Q4_0…Q5_1,
+F32/F16 are numpy casts; BF16 and the ternary TQ1_0/TQ2_0 come from the `gguf` package (its
+TQ quantizers equal ggml's: tests/test_ternary.py). Every block type (Q8_0, Q4_0…Q5_1,
 Q2_K…Q6_K, IQ4_NL/XS) goes through k2conv.quant.kquants: byte-identical to ggml_quantize_chunk
 (tests/test_kquants.py) and, for the types gguf also has, several times faster than gguf's numpy
 versions (bench/bench_kquants.py), which matters because Q8_0 covers every non-expert matrix.
@@ -25,7 +26,7 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray 
         out = np.ascontiguousarray(rows, dtype="<f4").view(np.uint8)
     elif qtype == T.F16:
         out = rows.astype("<f2").view(np.uint8)
-    elif qtype == T.BF16:
+    elif qtype in (T.BF16, T.TQ1_0, T.TQ2_0):
         out = np.asarray(quants.quantize(rows, qtype)).view(np.uint8)
     else:
         from k2conv.quant.kquants import quantize_rows, supported_types

@@ -70,10 +70,11 @@ from k2conv.quant.quantize import quantize
 from k2conv.quant.recipe import keeps_f32, load_recipe, parse_overrides
 from k2conv.quant.types import WRITABLE, T, block_size, fit_to_row, tensor_bytes
 
-# Candidate types, smallest first. Q4_1/Q5_0/Q5_1/IQ4_NL are left out: at their size a K-quant or
+# Candidate types, smallest first. The ternary TQ1_0/TQ2_0 (1.69/2.06 bpw, what "UD-TQ1_0" Kimi files
+# use) only win where the budget is below an all-Q2_K file. Q4_1/Q5_0/Q5_1/IQ4_NL are left out: at their size a K-quant or
 # IQ4_XS is better on float weights, and on INT4 weights Q4_0 is already exact (they still appear as
 # llama.cpp's fallbacks for attn_k_b's 128-wide rows).
-LADDER: tuple[GGMLQuantizationType, ...] = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+LADDER: tuple[GGMLQuantizationType, ...] = (T.TQ1_0, T.TQ2_0, T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 DOWN_WEIGHT = 2.0
 EDGE_WEIGHT = 2.0
 OUTPUT_WEIGHT = 2.0

@@ -11,7 +11,7 @@ T = GGMLQuantizationType
 # Types with a quantizer in this project (the gguf package or quant.kquants).
 WRITABLE: tuple[GGMLQuantizationType, ...] = (
     T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
-    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
+    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0,
 )  # fmt: skip
 
 # llama-quantize's substitute when a row (ne0) is not a multiple of the block size.
@@ -22,6 +22,8 @@ _FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {
     T.Q5_K: T.Q5_1,
     T.Q6_K: T.Q8_0,
     T.IQ4_XS: T.IQ4_NL,
+    T.TQ1_0: T.Q4_0,
+    T.TQ2_0: T.Q4_0,
 }
 
 
@@ -75,5 +77,6 @@ def file_type_of(counts: dict[GGMLQuantizationType, int]) -> int:
         T.Q5_0: LlamaFileType.MOSTLY_Q5_0, T.Q5_1: LlamaFileType.MOSTLY_Q5_1, T.Q2_K: LlamaFileType.MOSTLY_Q2_K,
         T.Q3_K: LlamaFileType.MOSTLY_Q3_K_M, T.Q4_K: LlamaFileType.MOSTLY_Q4_K_M, T.Q5_K: LlamaFileType.MOSTLY_Q5_K_M,
         T.Q6_K: LlamaFileType.MOSTLY_Q6_K, T.IQ4_NL: LlamaFileType.MOSTLY_IQ4_NL, T.IQ4_XS: LlamaFileType.MOSTLY_IQ4_XS,
+        T.TQ1_0: LlamaFileType.MOSTLY_TQ1_0, T.TQ2_0: LlamaFileType.MOSTLY_TQ2_0,
     }  # fmt: skip
     return int(mapping.get(main, LlamaFileType.GUESSED))

@@ -86,11 +86,17 @@ def quantized_agreement(src: Path, gguf: Path, cfg: ModelConfig) -> tuple[float,
 MEDIAN_REL, MEAN_KLD, TOP1 = 0.02, 0.2, 0.75
 
 
-@pytest.mark.parametrize(("variant", "recipe"), [("k2.5", "q8_0"), ("k2.5", "q4_0-native"), ("k2-instruct", "q8_0")])
+@pytest.mark.parametrize(
+    ("variant", "recipe"),
+    [("k2.5", "q8_0"), ("k2.5", "q4_0-native"), ("k2-instruct", "q8_0"), ("k2.5", "Q4_K_M"), ("k2.5", "Q2_K"),
+     ("k2.5", "q8_0+_exps=TQ1_0"), ("k2.5", "q8_0+_exps=TQ2_0"), ("k2.5", "q8_0+_exps=IQ4_XS")],
+)  # fmt: skip
 def test_quantized_gguf_matches_transformers_on_same_weights(synth_ckpt, tmp_path: Path, variant: str, recipe: str) -> None:
     src = synth_ckpt(variant)
     cfg = load_config(src)
-    gguf = quantize(src, tmp_path / f"{recipe}.gguf", "--recipe", recipe)
+    name, *rules = recipe.split("+")
+    extra = [a for r in rules for a in ("--override", r)]
+    gguf = quantize(src, tmp_path / "q.gguf", "--recipe", name, *extra)
     median_rel, mean_kld, top1 = quantized_agreement(src, gguf, cfg)
     assert median_rel <= MEDIAN_REL and mean_kld <= MEAN_KLD and top1 >= TOP1, (median_rel, mean_kld, top1)
 

@@ -99,8 +99,17 @@ def test_k25_mix_has_the_dynamic_quant_shape(k25_solved) -> None:
 
 def test_k25_target_below_smallest_mix_is_one_line_error(k25) -> None:
     with pytest.raises(K2ConvError, match="below the smallest mix") as info:
-        solve_target_size(k25, 300 * GB)  # every matrix Q2_K is still ~337 GB
+        solve_target_size(k25, 200 * GB)  # every matrix TQ1_0 (1.69 bpw) is still ~220 GB
     assert "\n" not in str(info.value)
+
+
+def test_k25_300_gb_uses_ternary_experts(k25) -> None:
+    """Below an all-Q2_K file (337 GB) only the ternary types reach: 300 GB lands within 0.5 %."""
+    result = solve_target_size(k25, 300 * GB)
+    assert 0.995 * 300 * GB <= result.total_bytes <= 300 * GB
+    assert result.plan.total_size == result.total_bytes
+    types = {row.qtype for row in result.mix if row.label.startswith("routed")}
+    assert types & {T.TQ1_0, T.TQ2_0}
 
 
 def test_k25_solver_is_fast_and_beats_the_hand_recipe(k25) -> None:
