@@ -32,7 +32,6 @@ real writer produces them.
 from __future__ import annotations
 
 import io
-import math
 import os
 import struct
 from collections.abc import Iterable, Sequence
@@ -41,10 +40,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from k2conv.atomic import commit, temp_path
 from k2conv.errors import K2ConvError
+from k2conv.gguf_scan import GGML_MAX_NAME, GGUF_DEFAULT_ALIGNMENT, Cursor, scan_gguf
 
 KEY_TYPE = "general.type"
 KEY_DATASETS = "imatrix.datasets"
@@ -54,24 +54,12 @@ SUFFIX_SUM2 = ".in_sum2"
 SUFFIX_COUNTS = ".counts"
 SUFFIX_SUM = ".in_sum"
 
-#: ggml's GGML_MAX_NAME: a GGUF tensor name must be shorter than this or gguf.cpp refuses the file.
-GGML_MAX_NAME = 64
-#: ggml's GGUF_MAX_STRING_LENGTH / GGUF_MAX_ARRAY_ELEMENTS.
-_GGUF_MAX_STRING = 1 << 30
-_GGUF_MAX_ARRAY = 1 << 30
-_GGUF_ALIGNMENT = 32
+_GGUF_ALIGNMENT = GGUF_DEFAULT_ALIGNMENT
 _GGUF_VERSION = 3
 #: Tensors llama-quantize quantizes without the imatrix when its size is wrong (tensor_name_match_token_embd).
 _TOKEN_EMBD = ("token_embd.weight", "per_layer_token_embd.weight")
 #: lround of a count beyond this is undefined in C; no real count comes near it.
 _MAX_COUNT = float(1 << 62)
-
-_SCALAR_SIZE = {
-    GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-    GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1,
-    GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
-}  # fmt: skip
-
 
 @dataclass
 class ImatrixEntry:
@@ -144,49 +132,6 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     return _read_dat(src, mm)
 
 
-class _Cursor:
-    """Bounds-checked little-endian reads from a byte buffer; every overrun is a K2ConvError."""
-
-    def __init__(self, buf: np.ndarray, where: str) -> None:
-        self.buf = buf
-        self.size = int(buf.size)
-        self.pos = 0
-        self.where = where
-
-    @property
-    def left(self) -> int:
-        return self.size - self.pos
-
-    def need(self, n: int, what: str) -> int:
-        """Reserve n bytes for `what`; returns their offset."""
-        if n < 0 or n > self.left:
-            raise K2ConvError(
-                f"{self.where}: truncated or corrupt: {what} needs {n} bytes at offset {self.pos}, "
-                f"only {self.left} left"
-            )
-        at = self.pos
-        self.pos += n
-        return at
-
-    def unpack(self, fmt: str, what: str) -> int:
-        at = self.need(struct.calcsize(fmt), what)
-        return struct.unpack_from(fmt, self.buf, at)[0]
-
-    def raw(self, n: int, what: str) -> bytes:
-        at = self.need(n, what)
-        return bytes(self.buf[at : at + n])
-
-    def text(self, n: int, what: str) -> str:
-        data = self.raw(n, what)
-        try:
-            s = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise K2ConvError(f"{self.where}: {what} is not valid UTF-8: {data[:40]!r}") from None
-        if "\0" in s:
-            raise K2ConvError(f"{self.where}: {what} contains a NUL byte: {s[:40]!r}")
-        return s
-
-
 def _check_values(src: str, name: str, what: str, values: np.ndarray, nonneg: bool) -> None:
     """Reject NaN/inf (llama-quantize does too) and, for Σx², negative values (no real file has them)."""
     if not np.isfinite(values).all():
@@ -199,7 +144,7 @@ def _check_values(src: str, name: str, what: str, values: np.ndarray, nonneg: bo
 
 def _read_dat(src: str, mm: np.ndarray) -> Imatrix:
     """Legacy format (common_imatrix_load_legacy), with every length checked against the file size."""
-    cur = _Cursor(mm, src)
+    cur = Cursor(mm, src)
     n_entries = cur.unpack("<i", "entry count")
     # the smallest entry is 16 bytes (name length, 1 name byte, ncall, nval, one float minus 1)
     if n_entries < 1:
@@ -253,114 +198,6 @@ def _read_dat(src: str, mm: np.ndarray) -> Imatrix:
     return Imatrix(entries, datasets, chunk_count, 0, legacy=True, source=src)
 
 
-def _prescan_gguf(src: str, mm: np.ndarray) -> None:
-    """Walk the GGUF header with bounds checks before gguf.GGUFReader sees it.
-
-    GGUFReader trusts lengths: an array of 2⁶⁰ scalars past the end of the file makes it loop
-    forever on empty slices. This pass enforces what ggml's gguf.cpp enforces (so a file passing it
-    is one llama.cpp loads): little-endian v2/v3, lengths within the file, ≤ 4 dims, known types,
-    unique names shorter than GGML_MAX_NAME, tensors contiguous at their aligned offsets, and the
-    whole padded data section present.
-    """
-    cur = _Cursor(mm, src)
-    cur.need(4, "magic")
-    version = cur.unpack("<I", "GGUF version")
-    if version & 0xFFFF == 0 and version:
-        raise K2ConvError(f"{src}: big-endian GGUF imatrix files are not supported (llama.cpp cannot read them)")
-    if version not in (2, 3):
-        raise K2ConvError(f"{src}: unsupported GGUF version {version} (llama.cpp reads 2 and 3)")
-    n_tensors = cur.unpack("<Q", "tensor count")
-    n_kv = cur.unpack("<Q", "key count")
-    if n_kv > cur.left // 13 or n_tensors > cur.left // 24:
-        raise K2ConvError(
-            f"{src}: corrupt GGUF: claims {n_kv} keys and {n_tensors} tensors in a {cur.size}-byte file"
-        )
-
-    def string(what: str) -> str:
-        n = cur.unpack("<Q", f"{what} length")
-        if n > _GGUF_MAX_STRING or n > cur.left:
-            raise K2ConvError(f"{src}: corrupt GGUF: {what} length {n} exceeds the {cur.left} bytes left")
-        return cur.text(n, what)
-
-    alignment = _GGUF_ALIGNMENT
-    keys: set[str] = set()
-    for _ in range(n_kv):
-        key = string("key")
-        if not key or key in keys:
-            raise K2ConvError(f"{src}: corrupt GGUF: empty or duplicate key {key!r}")
-        keys.add(key)
-        raw_type = cur.unpack("<I", f"type of {key!r}")
-        try:
-            vtype = GGUFValueType(raw_type)
-        except ValueError:
-            raise K2ConvError(f"{src}: corrupt GGUF: key {key!r} has unknown type {raw_type}") from None
-        if key == "general.alignment":
-            if vtype != GGUFValueType.UINT32:
-                raise K2ConvError(f"{src}: corrupt GGUF: general.alignment must be u32")
-            alignment = cur.unpack("<I", "general.alignment")
-            if alignment == 0 or alignment & (alignment - 1):
-                raise K2ConvError(f"{src}: corrupt GGUF: alignment {alignment} is not a power of 2")
-            continue
-        if vtype == GGUFValueType.STRING:
-            string(f"value of {key!r}")
-        elif vtype == GGUFValueType.ARRAY:
-            raw_itype = cur.unpack("<I", f"element type of {key!r}")
-            try:
-                itype = GGUFValueType(raw_itype)
-            except ValueError:
-                itype = GGUFValueType.ARRAY  # reported just below
-            n = cur.unpack("<Q", f"length of {key!r}")
-            if itype == GGUFValueType.ARRAY or raw_itype != itype:
-                raise K2ConvError(f"{src}: corrupt GGUF: array {key!r} has unsupported element type {raw_itype}")
-            if itype == GGUFValueType.STRING:
-                if n > _GGUF_MAX_ARRAY or n > cur.left // 8:
-                    raise K2ConvError(f"{src}: corrupt GGUF: array {key!r} claims {n} strings ({cur.left} bytes left)")
-                for j in range(n):
-                    string(f"{key}[{j}]")
-            else:
-                width = _SCALAR_SIZE[itype]
-                if n > _GGUF_MAX_ARRAY or n * width > cur.left:
-                    raise K2ConvError(f"{src}: corrupt GGUF: array {key!r} claims {n} values ({cur.left} bytes left)")
-                cur.need(n * width, f"array {key!r}")
-        else:
-            cur.need(_SCALAR_SIZE[vtype], f"value of {key!r}")
-
-    infos: list[tuple[str, int, int]] = []  # name, offset, nbytes
-    names: set[str] = set()
-    for i in range(n_tensors):
-        name = string(f"name of tensor {i}")
-        if len(name.encode()) >= GGML_MAX_NAME or name in names:
-            raise K2ConvError(f"{src}: corrupt GGUF: tensor name {name!r} is duplicate or ≥ {GGML_MAX_NAME} bytes")
-        names.add(name)
-        n_dims = cur.unpack("<I", f"tensor {name!r}: dimension count")
-        if n_dims > 4:
-            raise K2ConvError(f"{src}: corrupt GGUF: tensor {name!r} has {n_dims} dimensions (at most 4)")
-        dims = [cur.unpack("<Q", f"tensor {name!r}: dimension") for _ in range(n_dims)]
-        raw_type = cur.unpack("<I", f"tensor {name!r}: type")
-        offset = cur.unpack("<Q", f"tensor {name!r}: offset")
-        try:
-            qtype = GGMLQuantizationType(raw_type)
-            block, type_size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise K2ConvError(f"{src}: corrupt GGUF: tensor {name!r} has unknown type {raw_type}") from None
-        nelem = math.prod(dims)
-        if any(d >= 1 << 63 for d in dims) or nelem >= 1 << 63 or (dims[0] if dims else 1) % block:
-            raise K2ConvError(f"{src}: corrupt GGUF: tensor {name!r} has impossible shape {dims} for {qtype.name}")
-        infos.append((name, offset, nelem // block * type_size))
-
-    data_start = -(-cur.pos // alignment) * alignment
-    expected = 0
-    for name, offset, nbytes in infos:
-        if offset != expected:
-            raise K2ConvError(f"{src}: corrupt GGUF: tensor {name!r} at data offset {offset}, expected {expected}")
-        expected += -(-nbytes // alignment) * alignment
-        if data_start + expected > cur.size:
-            raise K2ConvError(
-                f"{src}: truncated GGUF: tensor {name!r} (with padding) ends at byte {data_start + expected}, "
-                f"the file has {cur.size}"
-            )
-
-
 def _u32_field(reader: GGUFReader, src: str, key: str) -> int:
     """A required u32 KV (llama.cpp's gguf_get_val_u32 asserts the type; we report it instead)."""
     fld = reader.fields.get(key)
@@ -375,7 +212,7 @@ def _u32_field(reader: GGUFReader, src: str, key: str) -> int:
 def _read_gguf(path: Path, mm: np.ndarray) -> Imatrix:
     """GGUF format (common_imatrix_load + quantize.cpp's metadata check), via gguf.GGUFReader."""
     src = str(path)
-    _prescan_gguf(src, mm)
+    scan_gguf(mm, src, kind="GGUF imatrix")  # GGUFReader trusts lengths: bound them first
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # the prescan should leave nothing, but GGUFReader is not ours
