@@ -1,0 +1,255 @@
+"""Weight sources for the runner: GGUF files (ours or any llama.cpp deepseek2 conversion) and the HF checkpoint.
+
+All of them are memory-mapped, and all answer in one vocabulary: llama.cpp's GGUF tensor names
+(`blk.3.attn_q_a.weight`, `token_embd.weight`, …) with numpy shapes, i.e. the MLA value/key
+up-projection already split into `attn_k_b` (n_head, kv_lora, nope) and `attn_v_b` (n_head, v, kv_lora).
+
+- Non-expert weights: `tensor(name)` → float32 on the requested device; the model keeps them resident.
+- Token embeddings: `embed(ids)` dequantizes only the rows asked for (163840 × 7168 need not be expanded).
+- Routed experts: `expert(layer, e, proj)` reads one expert's slice of the merged `_exps` tensor (GGUF) or
+  its own tensors (HF) on demand, so an expert cache can wrap a source later. `expert_raw` hands out the
+  still-quantized bytes for such a cache; `stats` counts what was read.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+
+from k2conv.convert.checkpoint import Checkpoint
+from k2conv.convert.config import ModelConfig
+from k2conv.convert.hf_layout import LogicalWeight, stored_tensors
+from k2conv.convert.naming import expert_of, experts_name, gguf_name
+from k2conv.errors import K2ConvError
+from k2conv.infer.dequant import dequantize
+from k2conv.infer.gguf_config import config_from_gguf
+
+PROJS = ("gate", "up", "down")
+_SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass
+class ReadStats:
+    """What the runner pulled from the files: the raw material of bytes-per-token reports."""
+
+    expert_reads: int = 0
+    expert_bytes: int = 0
+    resident_bytes: int = 0
+    per_layer_expert_use: dict[int, dict[int, int]] = field(default_factory=dict)
+
+    def count_expert(self, layer: int, e: int, nbytes: int) -> None:
+        self.expert_reads += 1
+        self.expert_bytes += nbytes
+        use = self.per_layer_expert_use.setdefault(layer, {})
+        use[e] = use.get(e, 0) + 1
+
+
+@dataclass(frozen=True)
+class RawExpert:
+    """One expert matrix still in its file encoding (GGML blocks), for caches that hold bytes."""
+
+    data: np.ndarray  # uint8 (rows, row_bytes), a view into the mapped file
+    qtype: GGMLQuantizationType
+    shape: tuple[int, int]  # logical (rows, cols)
+
+
+class WeightSource(ABC):
+    """A model's weights by GGUF tensor name, read through mmap."""
+
+    config: ModelConfig
+    stats: ReadStats
+    notes: list[str]
+
+    @abstractmethod
+    def has(self, name: str) -> bool:
+        """Whether the (non-expert) tensor exists, e.g. `output.weight` is absent when embeddings are tied."""
+
+    @abstractmethod
+    def tensor(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A non-expert weight as float32 in numpy/HF shape ([out, in] for linears)."""
+
+    @abstractmethod
+    def embed(self, ids: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Embedding rows for token ids (1-D) as float32 [len(ids), hidden]."""
+
+    @abstractmethod
+    def expert(self, layer: int, e: int, proj: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Routed expert `e` of `layer`, projection gate/up ([inter, hidden]) or down ([hidden, inter])."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release mapped files (sources hold no other resources)."""
+
+
+# ---- GGUF ------------------------------------------------------------------------------------------
+
+
+def split_paths(path: Path) -> list[Path]:
+    """All shards of a gguf-split set given any one of them (or just [path])."""
+    m = _SPLIT_RE.match(path.name)
+    if not m:
+        return [path]
+    count = int(m.group("count"))
+    paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    absent = [p.name for p in paths if not p.exists()]
+    if absent:
+        raise K2ConvError(f"{path}: split set is incomplete, missing {', '.join(absent)}")
+    return paths
+
+
+class GGUFSource(WeightSource):
+    """One GGUF or a gguf-split set, memory-mapped by gguf.GGUFReader; dequantized with torch."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.readers = [GGUFReader(p, "r") for p in split_paths(self.path)]
+        self.tensors = {t.name: t for r in self.readers for t in r.tensors}
+        shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in self.tensors.items()}
+        self.shapes = shapes
+        parsed = config_from_gguf(self.readers[0].fields, shapes, str(self.path))
+        self.config = parsed.config
+        self.notes = [f"{k} absent: llama.cpp's default used" for k in parsed.missing]
+        self.stats = ReadStats()
+        self._kv_b_split = "blk.0.attn_k_b.weight" not in self.tensors and "blk.0.attn_kv_b.weight" in self.tensors
+        if self._kv_b_split:
+            self.notes.append("attn_kv_b (pre-split MLA) found: k_b/v_b derived from it")
+
+    def _raw(self, name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
+        t = self.tensors.get(name)
+        if t is None:
+            raise K2ConvError(f"{self.path}: tensor {name} is missing")
+        return t.data.view(np.uint8), t.tensor_type
+
+    def _load(self, raw: np.ndarray, qtype: GGMLQuantizationType, device: torch.device | str) -> torch.Tensor:
+        """Copy mapped bytes to the device, then dequantize there."""
+        data = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True)).to(device)
+        return dequantize(data, qtype)
+
+    def has(self, name: str) -> bool:
+        if self._kv_b_split and name.endswith((".attn_k_b.weight", ".attn_v_b.weight")):
+            return self.has(re.sub(r"attn_[kv]_b", "attn_kv_b", name))
+        return name in self.tensors
+
+    def tensor(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        if self._kv_b_split and name.endswith((".attn_k_b.weight", ".attn_v_b.weight")):
+            return self._split_kv_b(name, device)
+        raw, qtype = self._raw(name)
+        out = self._load(raw, qtype, device).reshape(self.shapes[name])
+        self.stats.resident_bytes += raw.nbytes
+        return out
+
+    def _split_kv_b(self, name: str, device: torch.device | str) -> torch.Tensor:
+        cfg = self.config
+        kv_b = self.tensor(re.sub(r"attn_[kv]_b", "attn_kv_b", name), device)
+        kv_b = kv_b.reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        if ".attn_k_b." in name:
+            return kv_b[:, : cfg.qk_nope_head_dim].transpose(1, 2).contiguous()
+        return kv_b[:, cfg.qk_nope_head_dim :].contiguous()
+
+    def embed(self, ids: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        raw, qtype = self._raw("token_embd.weight")
+        rows = raw[ids.cpu().numpy()]  # fancy indexing copies just these rows out of the map
+        return dequantize(torch.from_numpy(rows).to(device), qtype)
+
+    def expert_raw(self, layer: int, e: int, proj: str) -> RawExpert:
+        name = experts_name(layer, proj)
+        t = self.tensors.get(name)
+        if t is None:
+            raise K2ConvError(f"{self.path}: tensor {name} is missing")
+        n_expert, rows, cols = self.shapes[name]
+        if not 0 <= e < n_expert:
+            raise IndexError(f"{name}: expert {e} of {n_expert}")
+        return RawExpert(t.data.view(np.uint8)[e], t.tensor_type, (rows, cols))
+
+    def expert(self, layer: int, e: int, proj: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        raw = self.expert_raw(layer, e, proj)
+        self.stats.count_expert(layer, e, raw.data.nbytes)
+        return self._load(raw.data, raw.qtype, device)
+
+    def close(self) -> None:
+        """Drop the maps; numpy unmaps when the last view (e.g. a RawExpert someone kept) goes."""
+        self.readers = []
+        self.tensors = {}
+
+
+# ---- Hugging Face checkpoint --------------------------------------------------------------------
+
+
+class HFSource(WeightSource):
+    """The source checkpoint (INT4 / FP8 / BF16 safetensors), decoded by k2conv's Checkpoint to float32."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.ckpt = Checkpoint(self.path)
+        self.config = self.ckpt.config
+        self.stats = ReadStats()
+        self.notes: list[str] = []
+        self._by_name: dict[str, LogicalWeight] = {}
+        self._experts: dict[tuple[int, int, str], LogicalWeight] = {}
+        for w in self.ckpt.weights:
+            ex = expert_of(w.module)
+            if ex is not None:
+                self._experts[ex] = w
+            elif w.module.endswith("self_attn.kv_b_proj"):
+                layer = w.module.split(".")[2]
+                self._by_name[f"blk.{layer}.attn_k_b.weight"] = w
+                self._by_name[f"blk.{layer}.attn_v_b.weight"] = w
+            else:
+                self._by_name[gguf_name(w.module, w.suffix)] = w
+
+    def _stored_bytes(self, w: LogicalWeight) -> int:
+        total = 0
+        for st in stored_tensors(self.config, w):
+            entry = self.ckpt.entry(st.name)
+            total += int(np.prod(entry.shape)) * _DTYPE_BYTES.get(entry.dtype, 4)
+        return total
+
+    def has(self, name: str) -> bool:
+        return name in self._by_name
+
+    def tensor(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        w = self._by_name.get(name)
+        if w is None:
+            raise K2ConvError(f"{self.path}: no weight maps to {name}")
+        arr = self.ckpt.read(w)
+        if ".attn_v_b." not in name:  # k_b and v_b share kv_b's bytes: count them once
+            self.stats.resident_bytes += self._stored_bytes(w)
+        cfg = self.config
+        if w.module.endswith("self_attn.kv_b_proj"):
+            kv_b = arr.reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+            arr = kv_b[:, : cfg.qk_nope_head_dim].transpose(0, 2, 1) if ".attn_k_b." in name else kv_b[:, cfg.qk_nope_head_dim :]
+            arr = np.ascontiguousarray(arr)
+        return torch.from_numpy(arr).to(device)
+
+    def embed(self, ids: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        w = self._by_name["token_embd.weight"]
+        rows = [self.ckpt.read(w, slice(i, i + 1)) for i in ids.tolist()]
+        return torch.from_numpy(np.concatenate(rows, axis=0)).to(device)
+
+    def expert(self, layer: int, e: int, proj: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        w = self._experts.get((layer, e, proj))
+        if w is None:
+            raise K2ConvError(f"{self.path}: no expert {e} ({proj}) in layer {layer}")
+        self.stats.count_expert(layer, e, self._stored_bytes(w))
+        return torch.from_numpy(self.ckpt.read(w)).to(device)
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+_DTYPE_BYTES = {"F32": 4, "I32": 4, "I64": 8, "BF16": 2, "F16": 2, "F8_E4M3": 1}
+
+
+def open_weights(path: Path | str) -> WeightSource:
+    """A checkpoint folder (config.json + safetensors) or a .gguf file (any shard of a split set)."""
+    p = Path(path)
+    if p.is_dir():
+        return HFSource(p)
+    if p.suffix == ".gguf" and p.exists():
+        return GGUFSource(p)
+    raise K2ConvError(f"{p}: neither a checkpoint folder nor a .gguf file")
