@@ -177,6 +177,58 @@ def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], spli
 
 
 @main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="What MODEL must still be: the HF source checkpoint (or another GGUF).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the full report as JSON.")
+@click.option("--max-kld", type=float, default=None, help="Exit 1 when the mean KL divergence exceeds this.")
+@click.option("--min-top1", type=float, default=None, help="Exit 1 when top-1 agreement falls below this (0..1).")
+def verify(model: Path, reference: Path | None, device: str, json_out: Path | None, max_kld: float | None,
+           min_top1: float | None) -> None:
+    """Check a converted model against its source with the reference runner: KLD, top-1, perplexity.
+
+    \b
+    Example:
+      k2conv verify kimi-q4_0.gguf --reference ./Kimi-K2.5 --max-kld 0.05 --json report.json
+    """
+    import json
+
+    from k2conv.infer.verify import run_verify
+
+    if reference is None:
+        raise K2ConvError("--reference is required (the source checkpoint or a GGUF to compare against)")
+    try:
+        report = run_verify(model, reference, device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise K2ConvError(str(exc)) from None
+    rows = [
+        ("KL divergence mean / p99 / max", f"{report['kld_mean']:.4g} / {report['kld_p99']:.4g} / {report['kld_max']:.4g}"),
+        ("top-1 agreement", f"{100 * report['top1_agreement']:.2f} %"),
+        ("perplexity model / reference", f"{report['ppl_model']:.4g} / {report['ppl_ref']:.4g} (ratio {report['ppl_ratio']:.4f})"),
+        ("prompts", str(report["prompts"])),
+    ]
+    speed = report["speed"]["model"]
+    rows.append(("model prefill tok/s", f"{speed['prefill_tok_s']:.1f}"))
+    rows.append(("expert bytes read / token", f"{speed['expert_bytes_per_token']:,.0f}"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+    if json_out is not None:
+        from k2conv.atomic import write_bytes_atomic
+
+        write_bytes_atomic(json_out, json.dumps(report, indent=2).encode())
+    failed = []
+    if max_kld is not None and report["kld_mean"] > max_kld:
+        failed.append(f"mean KLD {report['kld_mean']:.4g} > {max_kld}")
+    if min_top1 is not None and report["top1_agreement"] < min_top1:
+        failed.append(f"top-1 {report['top1_agreement']:.4f} < {min_top1}")
+    if failed:
+        click.echo("FAILED: " + "; ".join(failed), err=True)
+        sys.exit(1)
+
+
+@main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 def inspect(src: Path) -> None:
     """Describe a checkpoint folder or a bare config.json: variant, parameters, predicted GGUF sizes.
