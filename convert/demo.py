@@ -25,16 +25,23 @@ def run_demo(work_dir: Path, variant: str, echo: Callable[[str], None] = print) 
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
-    echo(f"1/3 synth: writing a tiny {variant} checkpoint in the real on-disk format → {ckpt_dir}")
+    echo(f"1/4 synth: writing a tiny {variant} checkpoint in the real on-disk format → {ckpt_dir}")
     write_checkpoint(ckpt_dir, variant=variant, preset="tiny", seed=0)
     ckpt = Checkpoint(ckpt_dir)
-    echo("2/3 quantize: recipe q4_0-native (INT4 experts repacked losslessly, the rest Q8_0)")
+    echo("2/4 quantize: recipe q4_0-native (INT4 experts repacked losslessly, the rest Q8_0)")
     plan = make_plan(ckpt.config, ckpt_dir, out, "q4_0-native")
     echo(plan_report(plan))
     check_outputs(plan, force=True)
     write_plan(ckpt, plan, progress=False)
-    echo("3/3 check: reading the GGUF back with gguf's reader and dequantizer")
+    echo("3/4 check: reading the GGUF back with gguf's reader and dequantizer")
     echo(_check_experts(ckpt, out))
+    echo("4/4 verify: the reference runner on the GGUF vs on the source checkpoint")
+    from k2conv.infer.verify import run_verify
+
+    report = run_verify(out, ckpt_dir, device="cpu")
+    echo(f"  KL divergence mean {report['kld_mean']:.4g}, top-1 agreement {100 * report['top1_agreement']:.1f} %, "
+         f"perplexity ratio {report['ppl_ratio']:.4f} over {report['positions']} positions "
+         "(the non-expert matrices are Q8_0, so small differences are expected)")
     echo(f"done: {out} ({out.stat().st_size:,} bytes)")
 
 
