@@ -6,17 +6,24 @@ input file (size, mtime). Each later line is one finished unit with the CRC-32 o
 Nothing is fsynced per unit: on resume every journaled unit is read back from the temporary file
 and its CRC checked, so a line that reached the disk before its data did is simply redone.
 A final `{"done": true}` line (fsynced) marks that every byte is durable and only renames remain.
+Lines are appended with unbuffered writes; a line cut short (a crash, or a full disk mid-write) is
+dropped when the journal is reopened, so later lines never follow a torn one.
 
 CRC-32 (zlib, stdlib) detects torn or missing writes, which is all resume needs; it runs at
 GB/s, so verifying a resumed 381 GB run costs one sequential read of what was already written.
+The same unit CRCs, combined, become the per-tensor checksums stored in the GGUF (integrity.py).
+
+A full disk (ENOSPC, EDQUOT) is `DiskFull`: unlike other K2ConvErrors (bad input: the partial
+output is deleted) it keeps the temporary files and the journal, so freeing space and rerunning
+the same command resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +37,12 @@ def journal_path(first_output: Path) -> Path:
     return temp_path(first_output).with_name(temp_path(first_output).name + ".journal")
 
 
-def crc32(data: memoryview | bytes) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+class DiskFull(K2ConvError):
+    """No space left while writing: the journal is consistent, free space and rerun to resume."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def input_identity(paths: list[Path]) -> dict[str, list[int]]:
@@ -53,7 +64,10 @@ def plan_hash(parts: list[bytes]) -> str:
 
 @dataclass
 class Journal:
-    """The identity of a run and the units it has finished (unit index → CRC-32)."""
+    """The identity of a run and the units it has finished (unit index → CRC-32).
+
+    `valid_bytes` is the length of the journal's intact prefix (whole lines only).
+    """
 
     path: Path
     plan: str
@@ -61,59 +75,117 @@ class Journal:
     inputs: dict[str, list[int]]
     finished: dict[int, int] = field(default_factory=dict)
     done: bool = False
+    valid_bytes: int = 0
 
     def header(self) -> dict:
         return {"version": VERSION, "plan": self.plan, "options": self.options, "inputs": self.inputs}
 
     def create(self) -> None:
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self.header()) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
+        line = (json.dumps(self.header()) + "\n").encode()
+        try:
+            with open(self.path, "wb") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(f"{self.path}: no space left on device to start the journal") from None
+            raise
+        self.valid_bytes = len(line)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def reopen(self) -> None:
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        """Append after the intact prefix, dropping a torn last line."""
+        if self.path.stat().st_size != self.valid_bytes:
+            os.truncate(self.path, self.valid_bytes)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def _append(self, line: bytes) -> None:
+        view = memoryview(line)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            if is_disk_full(exc):  # a partial line may be on disk: reopen() drops it
+                raise DiskFull(f"{self.path}: no space left on device for the journal") from None
+            raise
+        self.valid_bytes += len(line)
 
     def record(self, unit: int, crc: int) -> None:
+        self._append(f'{{"u": {unit}, "crc": {crc}}}\n'.encode())
         self.finished[unit] = crc
-        self._file.write(f'{{"u": {unit}, "crc": {crc}}}\n')
-        self._file.flush()
 
     def mark_done(self) -> None:
-        self._file.write('{"done": true}\n')
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._append(b'{"done": true}\n')
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(f"{self.path}: no space left on device for the journal") from None
+            raise
         self.done = True
 
     def close(self) -> None:
-        f = getattr(self, "_file", None)
-        if f is not None:
-            f.close()
-            self._file = None
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            self._fd = None
+            os.close(fd)
+
+
+class NullJournal(Journal):
+    """No journal at all (benchmarks only: measures what the journal and checksums cost)."""
+
+    def create(self) -> None:
+        pass
+
+    def reopen(self) -> None:  # pragma: no cover - never loaded
+        pass
+
+    def _append(self, line: bytes) -> None:
+        pass
+
+    def mark_done(self) -> None:
+        self.done = True
+
+    def close(self) -> None:
+        pass
 
 
 def load_journal(path: Path) -> Journal | None:
-    """The journal at `path`, or None if there is none (a torn last line is ignored)."""
+    """The journal at `path`, or None if there is none; reading stops at the first line that is
+    not whole, valid JSON ending in a newline (a torn tail)."""
     if not path.exists():
         return None
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    data = path.read_bytes()
+    end = data.find(b"\n")
     try:
-        head = json.loads(lines[0])
-    except (IndexError, json.JSONDecodeError):
+        head = json.loads(data[:end]) if end >= 0 else None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        head = None
+    if not isinstance(head, dict) or head.get("version") != VERSION:
         return None
-    if head.get("version") != VERSION:
-        return None
-    journal = Journal(path, head.get("plan", ""), head.get("options", {}), head.get("inputs", {}))
-    for line in lines[1:]:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+    options, inputs = head.get("options", {}), head.get("inputs", {})
+    journal = Journal(path, str(head.get("plan", "")), options if isinstance(options, dict) else {},
+                      inputs if isinstance(inputs, dict) else {})
+    pos = end + 1
+    while True:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
             break
-        if entry.get("done"):
+        try:
+            entry = json.loads(data[pos:nl])
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+            break
+        if not isinstance(entry, dict):
+            break
+        if entry.get("done") is True:
             journal.done = True
         elif isinstance(entry.get("u"), int) and isinstance(entry.get("crc"), int):
             journal.finished[entry["u"]] = entry["crc"]
+        else:
+            break
+        pos = nl + 1
+    journal.valid_bytes = pos
     return journal
 
 

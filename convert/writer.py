@@ -4,6 +4,11 @@ Work is cut into units small enough to bound memory (one routed expert, or a sla
 big matrix); units are independent, so `--workers N` runs them in forked processes that `pwrite`
 straight into the preallocated temporary files. Files appear under their final names only after
 every byte is written and fsynced.
+
+Each unit's CRC-32 is computed by the worker that produced it and recorded in the journal (resume
+checks it); when all units are done the CRCs are combined per tensor in offset order and written
+into the header slots the plan reserved (integrity.py), before the final fsync and rename. A full
+disk stops the run with `DiskFull`, keeping the journal and temporary files for a resume.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ import numpy as np
 from k2conv.atomic import commit, temp_path
 from k2conv.convert.checkpoint import Checkpoint
 from k2conv.convert.hf_layout import INT4, LogicalWeight
+from k2conv.convert.integrity import crc32, crc32_combine
 from k2conv.convert.journal import (
+    DiskFull,
     Journal,
-    crc32,
+    NullJournal,
     input_identity,
+    is_disk_full,
     journal_path,
     load_journal,
     plan_hash,
@@ -157,9 +165,15 @@ class _Sink:
             self.fds[file_index] = fd
         view = memoryview(np.ascontiguousarray(data).reshape(-1))
         pos = base + offset
-        while view:
-            n = os.pwrite(fd, view, pos)
-            view, pos = view[n:], pos + n
+        try:
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(f"{self.plan.files[file_index].path}: no space left on device "
+                               f"(writing {t.name} into {temp_path(self.plan.files[file_index].path).name})") from None
+            raise
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -172,6 +186,7 @@ _WARNINGS: list[str] = []  # filled by the unit being run, handed back to the pa
 
 
 _TEST_DELAY = float(os.environ.get("K2CONV_TEST_UNIT_DELAY", "0"))  # lets tests land signals mid-run
+_CHECKSUMS = True  # False only for `write_plan(integrity=False)` (benchmarks); set before workers fork
 
 
 def _run_unit(job: tuple[int, Unit]) -> tuple[int, int, int, list[str]]:
@@ -187,7 +202,7 @@ def _run_unit(job: tuple[int, Unit]) -> tuple[int, int, int, list[str]]:
     if data.nbytes != expected:  # pragma: no cover - a planner/quantizer disagreement is a bug
         raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, plan says {expected}")
     sink.write(t, offset, data)
-    crc = crc32(memoryview(np.ascontiguousarray(data).reshape(-1)))
+    crc = crc32(memoryview(np.ascontiguousarray(data).reshape(-1))) if _CHECKSUMS else 0
     for w in t.sources if t.kind != EXPERTS else (t.sources[unit.expert],):
         ckpt.release(w)
     warnings = _WARNINGS[:]
@@ -241,11 +256,21 @@ def check_outputs(plan: Plan, force: bool) -> None:
     folder = plan.files[0].path.parent
     if not folder.is_dir():
         raise K2ConvError(f"{folder}: output folder does not exist")
-    reclaimable = sum(temp_path(f.path).stat().st_size for f in plan.files if temp_path(f.path).exists())
+    reclaimable = sum(allocated(temp_path(f.path)) for f in plan.files)
     free = shutil.disk_usage(folder).free + reclaimable
     need = plan.total_size
     if free < need:
         raise K2ConvError(f"{folder}: not enough disk space: the plan needs {need:,} bytes, {free:,} are free")
+
+
+def allocated(path: Path) -> int:
+    """Disk bytes a file holds now: temporary outputs are sparse until written, so their size says
+    nothing about what a resume still needs (a run stopped by a full disk has a full-size file)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return 0
+    return min(st.st_size, st.st_blocks * 512)
 
 
 def _verified(plan: Plan, units: list[Unit], finished: dict[int, int]) -> dict[int, int]:
@@ -280,12 +305,14 @@ def unit_offset(plan: Plan, unit: Unit) -> int:
     return 0
 
 
-def _start_journal(plan: Plan, units: list[Unit], opts: Options, inputs: list[Path], restart: bool) -> Journal:
+def _start_journal(plan: Plan, units: list[Unit], opts: Options, inputs: list[Path], restart: bool,
+                   integrity: bool = True) -> Journal:
     """Resume the interrupted run if it is the same run, else start a fresh one."""
     jpath = journal_path(plan.files[0].path)
-    new = Journal(jpath, plan_hash([f.header for f in plan.files] + [str(f.path).encode() for f in plan.files]),
-                  {"allow_inexact_scales": opts.allow_inexact_scales}, input_identity(inputs))
-    old = None if restart else load_journal(jpath)
+    kind = Journal if integrity else NullJournal
+    new = kind(jpath, plan_hash([f.header for f in plan.files] + [str(f.path).encode() for f in plan.files]),
+               {"allow_inexact_scales": opts.allow_inexact_scales}, input_identity(inputs))
+    old = None if restart or not integrity else load_journal(jpath)
     if old is not None:
         reason = why_not_resumable(old, new)
         if reason is not None:
@@ -304,9 +331,51 @@ def _start_journal(plan: Plan, units: list[Unit], opts: Options, inputs: list[Pa
     return new
 
 
-def _finish(plan: Plan, journal: Journal) -> None:
-    """All bytes written: make them durable, mark the journal, then rename (resumable too)."""
+def tensor_checksums(plan: Plan, units: list[Unit], finished: dict[int, int]) -> list[int]:
+    """CRC-32 of every planned tensor's bytes (plan order), combined from its units' CRCs in offset order.
+
+    Units of one tensor are contiguous in `units` but not necessarily in offset order, so they are
+    sorted by offset first; together they cover the tensor exactly (produce() writes nothing else).
+    """
+    by_tensor: dict[int, list[tuple[int, int, int]]] = {}
+    for index, unit in enumerate(units):
+        by_tensor.setdefault(unit.tensor, []).append((unit_offset(plan, unit), unit_bytes(plan, unit), finished[index]))
+    crcs = []
+    for i, t in enumerate(plan.tensors):
+        crc, pos = 0, 0
+        for offset, n, unit_crc in sorted(by_tensor[i]):
+            assert offset == pos, f"{t.name}: units leave a gap at byte {pos}"
+            crc, pos = crc32_combine(crc, unit_crc, n), pos + n
+        assert pos == t.nbytes, f"{t.name}: units cover {pos} of {t.nbytes} bytes"
+        crcs.append(crc)
+    return crcs
+
+
+def _write_checksums(plan: Plan, units: list[Unit], finished: dict[int, int]) -> None:
+    """Rewrite every temporary file's header with its tensors' checksums in the reserved slots.
+
+    The whole header is written (not just the slots), so a resumed run also repairs a header
+    region a crash left damaged; the result depends only on the plan and the tensor bytes.
+    """
+    crcs = iter(tensor_checksums(plan, units, finished))
+    for f in plan.files:
+        header = f.header_with([next(crcs) for _ in f.tensors])
+        fd = os.open(temp_path(f.path), os.O_WRONLY)
+        try:
+            view = memoryview(header)
+            pos = 0
+            while pos < len(view):
+                pos += os.pwrite(fd, view[pos:], pos)
+        finally:
+            os.close(fd)
+
+
+def _finish(plan: Plan, journal: Journal, units: list[Unit]) -> None:
+    """All bytes written: fill in the checksums, make everything durable, mark the journal, then
+    rename (each step is redone or skipped correctly by a resumed run)."""
     if not journal.done:
+        if not isinstance(journal, NullJournal):
+            _write_checksums(plan, units, journal.finished)
         for f in plan.files:
             fd = os.open(temp_path(f.path), os.O_RDONLY)
             try:
@@ -324,17 +393,26 @@ def _finish(plan: Plan, journal: Journal) -> None:
 
 
 def write_plan(ckpt: Checkpoint, plan: Plan, *, workers: int = 1, opts: Options | None = None, progress: bool = True,
-               inputs: list[Path] | None = None, restart: bool = False) -> None:
+               inputs: list[Path] | None = None, restart: bool = False, integrity: bool = True) -> None:
     """Write every file of the plan under temporary names, then fsync and rename them.
 
     A journal beside the first temporary file makes the run resumable: rerunning the same
-    command after a crash or Ctrl-C redoes only the units not recorded as finished.
+    command after a crash, Ctrl-C or a full disk redoes only the units not recorded as finished.
+    `integrity=False` (benchmarks only) drops the journal and the checksums: the files' checksum
+    slots stay zero and the run cannot resume.
     """
     from tqdm import tqdm
 
+    global _CHECKSUMS
     opts = opts or Options()
     units = units_of(plan)
-    journal = _start_journal(plan, units, opts, inputs or [], restart)
+    _CHECKSUMS = integrity
+    try:
+        journal = _start_journal(plan, units, opts, inputs or [], restart, integrity)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise _disk_full(plan, None, units, f"{plan.files[0].path}: no space left on device") from None
+        raise
     jobs = [(i, u) for i, u in enumerate(units) if i not in journal.finished]
     total = sum(t.nbytes for t in plan.tensors)
     done_bytes = sum(unit_bytes(plan, units[i]) for i in journal.finished)
@@ -348,7 +426,15 @@ def write_plan(ckpt: Checkpoint, plan: Plan, *, workers: int = 1, opts: Options 
                 bar.update(n)
                 for line in warnings:
                     print(line, file=sys.stderr, flush=True)
-        _finish(plan, journal)
+        _finish(plan, journal, units)
+    except DiskFull as exc:
+        journal.close()  # everything journaled is on disk: keep it all for the resume
+        raise _disk_full(plan, journal, units, str(exc)) from None
+    except OSError as exc:
+        journal.close()
+        if is_disk_full(exc):  # e.g. fsync on a network filesystem
+            raise _disk_full(plan, journal, units, f"{plan.files[0].path}: {exc.strerror}") from None
+        raise
     except KeyboardInterrupt:
         journal.close()
         raise Interrupted(
@@ -365,8 +451,22 @@ def write_plan(ckpt: Checkpoint, plan: Plan, *, workers: int = 1, opts: Options 
         journal.close()  # e.g. a worker killed: keep the journal, the run can resume
         raise
     finally:
+        _CHECKSUMS = True
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _disk_full(plan: Plan, journal: Journal | None, units: list[Unit], what: str) -> DiskFull:
+    """One line: what filled up, what is saved, how much room a resume needs."""
+    folder = plan.files[0].path.parent
+    need = plan.total_size - sum(allocated(temp_path(f.path)) for f in plan.files)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # pragma: no cover
+        free = 0
+    saved = f"{len(journal.finished)} of {len(units)} units are saved in {journal.path}; " if journal else ""
+    return DiskFull(f"{what}; {saved}the output needs about {max(need, 0):,} more bytes, {free:,} are free "
+                    f"in {folder}: free space and rerun the same command to resume")
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

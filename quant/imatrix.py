@@ -61,6 +61,7 @@ _TOKEN_EMBD = ("token_embd.weight", "per_layer_token_embd.weight")
 #: lround of a count beyond this is undefined in C; no real count comes near it.
 _MAX_COUNT = float(1 << 62)
 
+
 @dataclass
 class ImatrixEntry:
     """One weight's statistics, laid out as the file stores them.
