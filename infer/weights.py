@@ -13,6 +13,7 @@ up-projection already split into `attn_k_b` (n_head, kv_lora, nope) and `attn_v_
 
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -177,6 +178,74 @@ class GGUFSource(WeightSource):
         self.tensors = {}
 
 
+# ---- expert-record relayout (layouts/relayout.py) -------------------------------------------------------
+
+
+class RelayoutSource(GGUFSource):
+    """A `k2conv relayout` file: non-expert tensors as in any GGUF, each expert one aligned record.
+
+    An expert miss is one pread of the whole record (gate, up and down together); the last record read
+    is kept, so the three projections the MoE asks for in a row cost that single read. `record_reads`
+    counts the reads, for the one-read-per-expert claim and bytes-per-token reports.
+    """
+
+    def __init__(self, path: Path | str):
+        from k2conv.layouts.relayout import read_layout
+
+        self.path = Path(path)
+        reader = GGUFReader(self.path, "r")
+        self.readers = [reader]
+        self.layout = read_layout(reader, self.path)
+        self.tensors = {t.name: t for t in reader.tensors if not t.name.startswith("k2conv.") and ".exp." not in t.name}
+        shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in self.tensors.items()}
+        self._parts: dict[tuple[int, str], dict] = {}
+        for layer in self.layout.layers:
+            for part in self.layout.parts(layer):
+                shapes[part["name"]] = tuple(reversed(part["ne"]))
+                self._parts[(layer, part["proj"])] = part
+        self.shapes = shapes
+        parsed = config_from_gguf(reader.fields, shapes, str(self.path))
+        self.config = parsed.config
+        self.notes = [f"{k} absent: llama.cpp's default used" for k in parsed.missing]
+        self.stats = ReadStats()
+        self._kv_b_split = "blk.0.attn_k_b.weight" not in self.tensors and "blk.0.attn_kv_b.weight" in self.tensors
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._last: tuple[tuple[int, int], np.ndarray] | None = None
+        self.record_reads = 0
+
+    def record(self, layer: int, e: int) -> np.ndarray:
+        """The whole record of (layer, e) as uint8, read with one pread unless it is the last one read."""
+        if self._last is not None and self._last[0] == (layer, e):
+            return self._last[1]
+        offset, size = self.layout.record(layer, e)
+        buf = bytearray(size)
+        view, at = memoryview(buf), offset
+        while view:
+            n = os.preadv(self._fd, [view], at)
+            if n <= 0:
+                raise K2ConvError(f"{self.path}: record ({layer}, {e}) cut short at {at}")
+            view, at = view[n:], at + n
+        self.record_reads += 1
+        data = np.frombuffer(buf, dtype=np.uint8)
+        self._last = ((layer, e), data)
+        return data
+
+    def expert_raw(self, layer: int, e: int, proj: str) -> RawExpert:
+        part = self._parts.get((layer, proj))
+        if part is None:
+            raise K2ConvError(f"{self.path}: no expert records for layer {layer}")
+        cols, rows, _ = part["ne"]
+        data = self.record(layer, e)[part["offset"] : part["offset"] + part["nbytes"]].reshape(rows, -1)
+        return RawExpert(data, GGMLQuantizationType(part["type"]), (rows, cols))
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._last = None
+        super().close()
+
+
 # ---- Hugging Face checkpoint --------------------------------------------------------------------
 
 
@@ -251,5 +320,7 @@ def open_weights(path: Path | str) -> WeightSource:
     if p.is_dir():
         return HFSource(p)
     if p.suffix == ".gguf" and p.exists():
-        return GGUFSource(p)
+        from k2conv.layouts.relayout import is_relayout
+
+        return RelayoutSource(p) if is_relayout(p) else GGUFSource(p)
     raise K2ConvError(f"{p}: neither a checkpoint folder nor a .gguf file")

@@ -7,6 +7,7 @@ K2ConvError, printed as one line with exit status 2 (nothing else is written).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -60,11 +61,12 @@ def synth(out_dir: Path, variant: str, preset: str, seed: int, force: bool) -> N
 
 
 def parse_size(text: str) -> int:
-    """`50G`, `500M`, `1.5T`, `123456` → bytes, decimal units like gguf-split."""
-    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    """`50G`, `500M`, `1.5T`, `123456` → bytes, decimal units like gguf-split; `4Ki`, `2Mi` binary."""
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
     t = text.strip().upper().removesuffix("B")
-    mult = units.get(t[-1:], 1)
-    number = t[:-1] if t[-1:] in units else t
+    suffix = t[-2:] if t[-2:] in units else t[-1:] if t[-1:] in units else ""
+    mult = units.get(suffix, 1)
+    number = t[: len(t) - len(suffix)]
     try:
         value = int(float(number) * mult)
     except ValueError:
@@ -174,6 +176,55 @@ def quantize(src: Path, out: Path, recipe: str, overrides: tuple[str, ...], spli
 
         path = write_mmproj(ckpt, mm_plan.out, mmproj_type, force=force)
         click.echo(f"wrote {path} ({path.stat().st_size:,} bytes, vision projector)")
+
+
+def split_set(first: Path) -> list[Path]:
+    """`X-00001-of-00003.gguf` → all three shards (a single file → itself)."""
+    m = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", first.name)
+    if not m:
+        return [first]
+    stem, count = m.group(1), int(m.group(3))
+    paths = [first.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise K2ConvError(f"{missing[0]}: shard of the split set is missing")
+    return paths
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--align", default="4K", show_default=True, metavar="SIZE",
+              help="Record alignment (4K: no padding for K2.5's record sizes; 2M for huge-page mappings).")
+@click.option("--order", type=click.Choice(["layer", "hot-first"]), default="layer", show_default=True,
+              help="Record order: by layer then expert, or most used experts first (needs --stats).")
+@click.option("--stats", type=click.Path(path_type=Path), default=None, help="Routing statistics JSON for --order hot-first.")
+@click.option("--restore", "do_restore", is_flag=True, help="SRC is a relayout file: write back the original GGUF(s), byte-identical.")
+@click.option("--dry-run", is_flag=True, help="Print the output size and padding; write nothing.")
+def relayout(src: Path, out: Path, align: str, order: str, stats: Path | None, do_restore: bool, dry_run: bool) -> None:
+    """Rewrite a GGUF so each (layer, expert) is one contiguous, aligned record (and back).
+
+    SRC may be the first file of a split set; OUT is one relayout GGUF. A killed run resumes.
+
+    \b
+    Examples:
+      k2conv relayout kimi-00001-of-00008.gguf kimi-experts.gguf --align 4K
+      k2conv relayout kimi-experts.gguf kimi-restored.gguf --restore
+    """
+    from k2conv.layouts.relayout import relayout as run_relayout
+    from k2conv.layouts.relayout import restore
+
+    if do_restore:
+        for path in restore(src, out):
+            click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")
+        return
+    if order == "hot-first" and stats is None:
+        raise K2ConvError("--order hot-first needs --stats FILE (routing statistics from the runner)")
+    align = align.strip()
+    binary = align + "i" if align[-1:].upper() in ("K", "M", "G") else align  # alignments are powers of two
+    report = run_relayout(split_set(Path(src)), out, align=parse_size(binary), order=order, stats=stats, dry_run=dry_run)
+    for line in report.lines():
+        click.echo(line)
 
 
 @main.command()

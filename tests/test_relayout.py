@@ -1,0 +1,191 @@
+"""`k2conv relayout`: expert-major records, exact restore, native reading by the runner, resume after a kill.
+
+The restore must give back the input byte for byte (sha256) whoever wrote it: our single and split
+files at two recipes, and a deepseek2 GGUF written by llama.cpp's own `llama_model_quantize`.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from k2conv.infer.model import KimiModel
+from k2conv.infer.weights import GGUFSource, RelayoutSource, open_weights
+from k2conv.layouts.relayout import (
+    KEY_VERSION,
+    is_relayout,
+    open_layout,
+    record_name,
+    relayout,
+    restore,
+)
+
+K2CONV = [sys.executable, "-m", "k2conv.cli"]
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def ggufs(synth_ckpt, tmp_path_factory: pytest.TempPathFactory):
+    """Factory: (recipe, *extra) → the files (a split set in order) of one `k2conv quantize` run."""
+    made: dict[tuple[str, ...], list[Path]] = {}
+
+    def make(recipe: str, *extra: str) -> list[Path]:
+        key = (recipe, *extra)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"rl-{recipe}")
+            cmd = [*K2CONV, "quantize", str(synth_ckpt("k2.5")), str(folder / "m.gguf"), "--quiet", "--no-mmproj",
+                   "--recipe", recipe, *extra]
+            subprocess.run(cmd, check=True, capture_output=True)
+            made[key] = sorted(folder.glob("m*.gguf"))
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def foreign(ggufs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deepseek2 GGUF written by llama.cpp (its own writer, alignment and KV order), Q4_K_M."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path_factory.mktemp("foreign") / "llama-q4_k_m.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
+    rc = llama_cpp.llama_model_quantize(str(ggufs("f32")[0]).encode(), str(out).encode(), C.byref(params))
+    assert rc == 0
+    return out
+
+
+CASES = [("q4_0-native",), ("Q4_K_M",), ("q4_0-native", "--split-max-size", "3M"), ("Q4_K_M", "--split-max-size", "3M")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_restore_is_byte_identical(ggufs, tmp_path: Path, case: tuple[str, ...]) -> None:
+    inputs = ggufs(*case)
+    assert (len(inputs) > 1) == ("--split-max-size" in case)
+    rep = relayout(inputs, tmp_path / "r.gguf", 4096)
+    assert rep.records == 2 * 8 and (tmp_path / "r.gguf").stat().st_size == rep.size
+    back = restore(tmp_path / "r.gguf", tmp_path / "back" / "m.gguf") if (tmp_path / "back").mkdir() is None else []
+    assert len(back) == len(inputs)
+    assert [sha(p) for p in back] == [sha(p) for p in inputs]
+    assert not list(tmp_path.rglob("*.part*"))
+
+
+def test_foreign_writer_restores_and_reads(foreign: Path, tmp_path: Path) -> None:
+    rep = relayout([foreign], tmp_path / "r.gguf", 4096)
+    assert rep.records == 16
+    (back,) = restore(tmp_path / "r.gguf", tmp_path / "back.gguf")
+    assert sha(back) == sha(foreign)
+    ids = torch.tensor([5, 17, 99, 3])
+    torch.set_num_threads(1)
+    want = KimiModel(GGUFSource(foreign))(ids).numpy()
+    got = KimiModel(open_weights(tmp_path / "r.gguf"))(ids).numpy()
+    assert np.array_equal(want, got)
+
+
+def test_records_are_aligned_contiguous_and_located(ggufs, tmp_path: Path) -> None:
+    (src,) = ggufs("Q4_K_M")
+    out = tmp_path / "r.gguf"
+    relayout([src], out, 4096)
+    assert is_relayout(out) and not is_relayout(src)
+    reader, lay = open_layout(out)  # gguf's own reader opens the container
+    assert reader.alignment == 4096 and reader.fields[KEY_VERSION].contents() == 1
+    orig = {t.name: t for t in GGUFReader(src).tensors}
+    tensors = {t.name: t for t in reader.tensors}
+    for t in reader.tensors:
+        assert t.data_offset % 4096 == 0, t.name
+    assert lay.layers == [1, 2] and lay.n_expert == 8
+    for layer in lay.layers:
+        for e in range(lay.n_expert):
+            off, size = lay.record(layer, e)  # O(1): one array lookup
+            t = tensors[record_name(layer, e)]
+            assert off == t.data_offset and size == t.n_bytes and off % 4096 == 0
+            rec = np.asarray(t.data).view(np.uint8)
+            parts = lay.parts(layer)
+            assert [p["proj"] for p in parts] == ["gate", "up", "down"]
+            assert sum(p["nbytes"] for p in parts) == size  # contiguous: nothing between the three parts
+            for p in parts:
+                o = orig[p["name"]]
+                assert int(o.tensor_type) == p["type"]
+                want = np.asarray(o.data).view(np.uint8).reshape(lay.n_expert, -1)[e]
+                assert np.array_equal(rec[p["offset"] : p["offset"] + p["nbytes"]], want)
+    for name, t in orig.items():  # non-expert tensors unchanged
+        if "_exps" not in name:
+            assert tensors[name].tensor_type == t.tensor_type
+            assert np.array_equal(np.asarray(tensors[name].data), np.asarray(t.data))
+    dump = subprocess.run([str(Path(sys.executable).parent / "gguf-dump"), str(out)], capture_output=True, text=True)
+    assert dump.returncode == 0 and "blk.2.exp.7" in dump.stdout
+
+
+def test_hot_first_follows_stats(ggufs, tmp_path: Path) -> None:
+    (src,) = ggufs("q4_0-native")
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"version": 1, "layers": {"2": {"5": 40, "1": 7}, "1": [0, 0, 0, 30, 0, 0, 0, 7]}}))
+    out = tmp_path / "hot.gguf"
+    relayout([src], out, 4096, order="hot-first", stats=stats)
+    reader, lay = open_layout(out)
+    records = sorted((t.data_offset, t.name) for t in reader.tensors if ".exp." in t.name)
+    names = [n for _, n in records]
+    assert names[:4] == ["blk.2.exp.5", "blk.1.exp.3", "blk.1.exp.7", "blk.2.exp.1"]  # ties: by layer, expert
+    assert names[4:] == sorted(names[4:], key=lambda n: (int(n.split(".")[1]), int(n.split(".")[3])))
+    assert lay.record(2, 5)[0] == records[0][0]
+    (back,) = restore(out, tmp_path / "back.gguf")
+    assert sha(back) == sha(src)
+
+
+def test_runner_logits_equal_and_one_read_per_expert(ggufs, tmp_path: Path) -> None:
+    inputs = ggufs("Q4_K_M", "--split-max-size", "3M")
+    out = tmp_path / "r.gguf"
+    relayout(inputs, out, 4096)
+    torch.set_num_threads(1)
+    ids = torch.tensor([1, 2, 3, 40, 50, 7])
+    want = KimiModel(open_weights(inputs[0]))(ids).numpy()
+    src = open_weights(out)
+    assert isinstance(src, RelayoutSource)
+    got = KimiModel(src)(ids).numpy()
+    assert np.array_equal(want, got)
+    # every routed expert used cost one record read, not three
+    assert src.stats.expert_reads == 3 * src.record_reads > 0
+
+
+def test_dry_run_writes_nothing(ggufs, tmp_path: Path) -> None:
+    (src,) = ggufs("q4_0-native")
+    rep = relayout([src], tmp_path / "r.gguf", 2 << 20, dry_run=True)
+    assert rep.dry_run and not list(tmp_path.iterdir())
+    real = relayout([src], tmp_path / "r.gguf", 2 << 20)
+    assert real.size == rep.size == (tmp_path / "r.gguf").stat().st_size
+
+
+def test_killed_relayout_resumes_to_the_identical_file(ggufs, tmp_path: Path) -> None:
+    inputs = ggufs("Q4_K_M", "--split-max-size", "3M")
+    clean = tmp_path / "clean.gguf"
+    relayout(inputs, clean, 4096)
+    out = tmp_path / "k.gguf"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        import k2conv.layouts.relayout as rl
+        def die(i):
+            if i == 30:
+                os.kill(os.getpid(), signal.SIGKILL)
+        rl._after_unit = die
+        rl.relayout([Path(p) for p in {[str(p) for p in inputs]!r}], Path({str(out)!r}), 4096)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9
+    assert not out.exists() and out.with_name("k.gguf.part").exists()
+    rep = relayout(inputs, out, 4096)
+    assert rep.resumed_units == 31 and rep.written_units > 0
+    assert sha(out) == sha(clean)
+    assert not out.with_name("k.gguf.part").exists() and not out.with_name("k.gguf.part.journal").exists()
