@@ -50,6 +50,7 @@ class Checkpoint:
         for name, shard in self.weight_map.items():
             if name not in self.files[shard]:
                 raise K2ConvError(f"{self.files[shard].path}: tensor {name} is listed in {INDEX_NAME} but not in the shard")
+        self._check_counts()
         self.weights = logical_weights(self.config)
         if validate:
             self._validate_layout()
@@ -64,14 +65,28 @@ class Checkpoint:
             return dict.fromkeys(SafetensorsFile(single).names(), SINGLE_NAME)
         try:
             data = json.loads(index.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise K2ConvError(f"{index}: not valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, 4300+ digit ints, deep nesting
+            raise K2ConvError(f"{index}: not valid JSON ({str(exc).splitlines()[0][:120] or exc.__class__.__name__})") from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise K2ConvError(f"{index}: no weight_map object of tensor name → shard file")
         return weight_map
+
+    def _check_counts(self) -> None:
+        """Refuse a config that implies more tensors than the index lists, before anything loops
+        over its layers and experts: a lying num_hidden_layers or n_routed_experts (10¹²) would
+        otherwise build that many weight descriptions (a hang), not a clear error."""
+        cfg, have = self.config, len(self.weight_map)
+        implied = cfg.num_hidden_layers
+        if implied <= have:  # n_moe_layers loops over the layers: only now is that bounded
+            implied += 3 * cfg.n_moe_layers * cfg.n_routed_experts
+        if implied > have:
+            raise K2ConvError(
+                f"{self.root / 'config.json'}: implies at least {implied:,} tensors ({cfg.num_hidden_layers:,} layers, "
+                f"{cfg.n_routed_experts:,} routed experts) but the checkpoint holds {have:,}"
+            )
 
     def _shard_path(self, shard: str) -> Path:
         """Resolve a shard name from the index, refusing anything that leaves the checkpoint folder."""

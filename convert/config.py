@@ -95,11 +95,13 @@ class ModelConfig:
         return float(rs.get("mscale_all_dim", 0.0) or 0.0)
 
 
-def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+def _rope_scaling(cfg: dict[str, Any], where: str) -> dict[str, Any] | None:
     """`rope_scaling` (transformers 4) or `rope_parameters` (transformers 5 re-serialisation)."""
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
     if not rs:
         return None
+    if not isinstance(rs, dict):
+        raise K2ConvError(f"{where}: rope_scaling must be an object, got {rs!r:.60}")
     rs = dict(rs)
     kind = rs.get("type") or rs.get("rope_type")
     if kind in (None, "default"):
@@ -112,6 +114,8 @@ def _quant_scheme(qc: dict[str, Any] | None, where: str) -> Int4Scheme | Fp8Sche
     """Validate a quantization_config; anything k2conv cannot decode exactly is refused here."""
     if not qc:
         return None
+    if not isinstance(qc, dict):
+        raise K2ConvError(f"{where}: quantization_config must be an object, got {qc!r:.60}")
     method = qc.get("quant_method")
     if method == "fp8":
         fmt = qc.get("fmt", "e4m3")
@@ -126,9 +130,12 @@ def _quant_scheme(qc: dict[str, Any] | None, where: str) -> Int4Scheme | Fp8Sche
         if fmt != "pack-quantized":
             raise K2ConvError(f"{where}: compressed-tensors format {fmt!r} is not supported (only pack-quantized)")
         groups = qc.get("config_groups") or {}
-        if len(groups) != 1:
-            raise K2ConvError(f"{where}: compressed-tensors with {len(groups)} config groups is not supported (need 1)")
-        weights = next(iter(groups.values())).get("weights") or {}
+        if not isinstance(groups, dict) or len(groups) != 1:
+            raise K2ConvError(f"{where}: compressed-tensors needs config_groups with exactly 1 group")
+        group = next(iter(groups.values()))
+        weights = (group.get("weights") if isinstance(group, dict) else None) or {}
+        if not isinstance(weights, dict):
+            raise K2ConvError(f"{where}: compressed-tensors config group weights must be an object")
         problems = []
         if weights.get("num_bits") != 4:
             problems.append(f"num_bits {weights.get('num_bits')} (need 4)")
@@ -155,11 +162,27 @@ def _int(cfg: dict[str, Any], key: str, where: str, default: int | None = None) 
     return value
 
 
+def _num(cfg: dict[str, Any], key: str, where: str, default: float, kind: type = float, falsy_default: bool = False) -> Any:
+    """A numeric config value as `kind`; null means the default (and so do 0/false with
+    `falsy_default`, as HF configs use them); strings, lists, inf for ints are one clear error."""
+    value = cfg.get(key)
+    if value is None or (falsy_default and not value):
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise K2ConvError(f"{where}: config key {key!r} must be a number, got {value!r:.60}")
+    try:
+        return kind(value)
+    except (OverflowError, ValueError):
+        raise K2ConvError(f"{where}: config key {key!r} is out of range: {value!r}") from None
+
+
 def parse_config(raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from a config.json dict (K2.5 wrapper or flat K2)."""
     if not isinstance(raw, dict):
         raise K2ConvError(f"{where}: not a JSON object")
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list):
+        archs = []
     is_k25 = raw.get("model_type") == "kimi_k25" or "KimiK25ForConditionalGeneration" in archs
     if is_k25 or ("text_config" in raw and "hidden_size" not in raw):
         text = raw.get("text_config")
@@ -206,22 +229,22 @@ def parse_config(raw: dict[str, Any], where: str = "config.json") -> ModelConfig
         v_head_dim=_int(text, "v_head_dim", where),
         vocab_size=_int(text, "vocab_size", where),
         max_position_embeddings=_int(text, "max_position_embeddings", where, 4096),
-        rope_theta=float(text.get("rope_theta", 10000.0)),
-        rope_scaling=_rope_scaling(text),
-        routed_scaling_factor=float(text.get("routed_scaling_factor", 1.0) or 1.0),
+        rope_theta=_num(text, "rope_theta", where, 10000.0),
+        rope_scaling=_rope_scaling(text, where),
+        routed_scaling_factor=_num(text, "routed_scaling_factor", where, 1.0, falsy_default=True),
         scoring_func=scoring,
-        n_group=int(text.get("n_group", 1) or 1),
-        topk_group=int(text.get("topk_group", 1) or 1),
+        n_group=_num(text, "n_group", where, 1, int, falsy_default=True),
+        topk_group=_num(text, "topk_group", where, 1, int, falsy_default=True),
         norm_topk_prob=bool(text.get("norm_topk_prob", False)),
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_num(text, "rms_norm_eps", where, 1e-6),
         tie_word_embeddings=bool(text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))),
         bos_token_id=tok("bos_token_id"),
         eos_token_id=tok("eos_token_id"),
         pad_token_id=tok("pad_token_id"),
-        moe_layer_freq=int(text.get("moe_layer_freq", 1) or 1),
+        moe_layer_freq=_num(text, "moe_layer_freq", where, 1, int, falsy_default=True),
         quant=quant,
         tensor_prefix=prefix,
-        vision=raw.get("vision_config") if is_k25 else None,
+        vision=_vision(raw, where) if is_k25 else None,
         raw=raw,
     )
     if cfg.hidden_size == 0 or cfg.num_hidden_layers == 0 or cfg.vocab_size == 0:
@@ -240,9 +263,18 @@ def load_config(path: Path) -> ModelConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise K2ConvError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise K2ConvError(f"{path}: not valid JSON ({exc})") from None
+    except IsADirectoryError:
+        raise K2ConvError(f"{path}: is a directory, not a config file") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, 4300+ digit ints
+        raise K2ConvError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120] or exc.__class__.__name__})") from None
     return parse_config(raw, str(path))
+
+
+def _vision(raw: dict[str, Any], where: str) -> dict[str, Any] | None:
+    vision = raw.get("vision_config")
+    if vision is not None and not isinstance(vision, dict):
+        raise K2ConvError(f"{where}: vision_config must be an object, got {vision!r:.60}")
+    return vision
 
 
 def yarn_log_multiplier(cfg: ModelConfig) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import mmap
 import os
 import struct
@@ -129,7 +130,7 @@ def _read_header(path: Path) -> tuple[dict[str, TensorEntry], int, int]:
         raise K2ConvError(f"{path}: is a directory, not a safetensors file") from None
     try:
         header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, 4300+ digit ints, deep nesting
         raise K2ConvError(f"{path}: corrupt safetensors header: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise K2ConvError(f"{path}: corrupt safetensors header: not a JSON object")
@@ -155,7 +156,7 @@ def _entry(path: Path, name: str, info: object, data_size: int) -> TensorEntry:
     dtype = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if dtype not in RAW_DTYPES:
+    if not isinstance(dtype, str) or dtype not in RAW_DTYPES:
         raise K2ConvError(f"{where}: unsupported dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise K2ConvError(f"{where}: corrupt shape {shape!r}")
@@ -172,7 +173,7 @@ def _entry(path: Path, name: str, info: object, data_size: int) -> TensorEntry:
         raise K2ConvError(
             f"{where}: data ends at byte {end} but the file holds only {data_size} data bytes (truncated shard?)"
         )
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    numel = math.prod(shape)  # exact: numpy's int64 product wraps around for lying shapes
     if numel * RAW_DTYPES[dtype].itemsize != end - begin:
         raise K2ConvError(f"{where}: {dtype}{shape} needs {numel * RAW_DTYPES[dtype].itemsize} bytes, offsets span {end - begin}")
     return TensorEntry(name, dtype, tuple(shape), begin, end)
