@@ -2,16 +2,17 @@
 
 The journal is JSON lines. The first line identifies the run: a hash of the plan (every header
 byte, every tensor's place and type), the options that change bytes, and the identity of every
-input file (size, mtime). Each later line is one finished unit with the CRC-32 of its bytes.
+input file (size, mtime). Each later line is one finished unit with the CRC-32C of its bytes.
 Nothing is fsynced per unit: on resume every journaled unit is read back from the temporary file
 and its CRC checked, so a line that reached the disk before its data did is simply redone.
 A final `{"done": true}` line (fsynced) marks that every byte is durable and only renames remain.
 Lines are appended with unbuffered writes; a line cut short (a crash, or a full disk mid-write) is
 dropped when the journal is reopened, so later lines never follow a torn one.
 
-CRC-32 (zlib, stdlib) detects torn or missing writes, which is all resume needs; it runs at
-GB/s, so verifying a resumed 381 GB run costs one sequential read of what was already written.
-The same unit CRCs, combined, become the per-tensor checksums stored in the GGUF (integrity.py).
+CRC-32C detects torn or missing writes, which is all resume needs; it runs at several GB/s
+(convert/crc32c.py), so verifying a resumed 381 GB run costs one sequential read of what was
+already written. The same unit CRCs, combined, become the per-tensor checksums stored in the GGUF
+(integrity.py).
 
 A full disk (ENOSPC, EDQUOT) is `DiskFull`: unlike other K2ConvErrors (bad input: the partial
 output is deleted) it keeps the temporary files and the journal, so freeing space and rerunning
@@ -30,7 +31,7 @@ from pathlib import Path
 from k2conv.atomic import temp_path
 from k2conv.errors import K2ConvError
 
-VERSION = 1
+VERSION = 2  # 2: torn tails are dropped on reopen; quantize records CRC-32C (1: zlib CRC-32)
 
 
 def journal_path(first_output: Path) -> Path:
@@ -64,7 +65,7 @@ def plan_hash(parts: list[bytes]) -> str:
 
 @dataclass
 class Journal:
-    """The identity of a run and the units it has finished (unit index → CRC-32).
+    """The identity of a run and the units it has finished (unit index → CRC-32C).
 
     `valid_bytes` is the length of the journal's intact prefix (whole lines only).
     """

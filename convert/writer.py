@@ -5,7 +5,7 @@ big matrix); units are independent, so `--workers N` runs them in forked process
 straight into the preallocated temporary files. Files appear under their final names only after
 every byte is written and fsynced.
 
-Each unit's CRC-32 is computed by the worker that produced it and recorded in the journal (resume
+Each unit's CRC-32C is computed by the worker that produced it and recorded in the journal (resume
 checks it); when all units are done the CRCs are combined per tensor in offset order and written
 into the header slots the plan reserved (integrity.py), before the final fsync and rename. A full
 disk stops the run with `DiskFull`, keeping the journal and temporary files for a resume.
@@ -30,7 +30,7 @@ import numpy as np
 from k2conv.atomic import commit, temp_path
 from k2conv.convert.checkpoint import Checkpoint
 from k2conv.convert.hf_layout import INT4, LogicalWeight
-from k2conv.convert.integrity import crc32, crc32_combine
+from k2conv.convert.integrity import crc32c, crc32c_combine
 from k2conv.convert.journal import (
     DiskFull,
     Journal,
@@ -190,7 +190,7 @@ _CHECKSUMS = True  # False only for `write_plan(integrity=False)` (benchmarks); 
 
 
 def _run_unit(job: tuple[int, Unit]) -> tuple[int, int, int, list[str]]:
-    """Produce and write one unit; (unit index, bytes, CRC-32 of the bytes, warnings)."""
+    """Produce and write one unit; (unit index, bytes, CRC-32C of the bytes, warnings)."""
     assert _WORKER is not None
     if _TEST_DELAY:
         time.sleep(_TEST_DELAY)
@@ -202,7 +202,7 @@ def _run_unit(job: tuple[int, Unit]) -> tuple[int, int, int, list[str]]:
     if data.nbytes != expected:  # pragma: no cover - a planner/quantizer disagreement is a bug
         raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, plan says {expected}")
     sink.write(t, offset, data)
-    crc = crc32(memoryview(np.ascontiguousarray(data).reshape(-1))) if _CHECKSUMS else 0
+    crc = crc32c(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if _CHECKSUMS else 0
     for w in t.sources if t.kind != EXPERTS else (t.sources[unit.expert],):
         ckpt.release(w)
     warnings = _WARNINGS[:]
@@ -287,7 +287,7 @@ def _verified(plan: Plan, units: list[Unit], finished: dict[int, int]) -> dict[i
             file_index, base = where[t.name]
             offset = unit_offset(plan, unit)
             data = os.pread(fds[file_index], unit_bytes(plan, unit), base + offset)
-            if crc32(data) == crc:
+            if crc32c(data) == crc:
                 good[index] = crc
     finally:
         for fd in fds.values():
@@ -332,7 +332,7 @@ def _start_journal(plan: Plan, units: list[Unit], opts: Options, inputs: list[Pa
 
 
 def tensor_checksums(plan: Plan, units: list[Unit], finished: dict[int, int]) -> list[int]:
-    """CRC-32 of every planned tensor's bytes (plan order), combined from its units' CRCs in offset order.
+    """CRC-32C of every planned tensor's bytes (plan order), combined from its units' CRCs in offset order.
 
     Units of one tensor are contiguous in `units` but not necessarily in offset order, so they are
     sorted by offset first; together they cover the tensor exactly (produce() writes nothing else).
@@ -345,7 +345,7 @@ def tensor_checksums(plan: Plan, units: list[Unit], finished: dict[int, int]) ->
         crc, pos = 0, 0
         for offset, n, unit_crc in sorted(by_tensor[i]):
             assert offset == pos, f"{t.name}: units leave a gap at byte {pos}"
-            crc, pos = crc32_combine(crc, unit_crc, n), pos + n
+            crc, pos = crc32c_combine(crc, unit_crc, n), pos + n
         assert pos == t.nbytes, f"{t.name}: units cover {pos} of {t.nbytes} bytes"
         crcs.append(crc)
     return crcs
@@ -407,6 +407,9 @@ def write_plan(ckpt: Checkpoint, plan: Plan, *, workers: int = 1, opts: Options 
     opts = opts or Options()
     units = units_of(plan)
     _CHECKSUMS = integrity
+    if integrity:  # compile/load the CRC kernels once here, not in every forked worker
+        crc32c(np.zeros(1 << 20, dtype=np.uint8))
+        crc32c(np.zeros(16, dtype=np.uint8))
     try:
         journal = _start_journal(plan, units, opts, inputs or [], restart, integrity)
     except OSError as exc:
