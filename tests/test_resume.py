@@ -24,9 +24,19 @@ def outputs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.gguf"))
 
 
-def start(src: Path, out: Path, *extra: str) -> subprocess.Popen:
+def start(src: Path, out: Path, *extra: str, unit_delay: float = 0.0) -> subprocess.Popen:
     cmd = [*K2CONV, "quantize", str(src), str(out), "--recipe", "q8_0", "--quiet", "--no-mmproj", "--workers", "2", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    env = {**os.environ, "K2CONV_TEST_UNIT_DELAY": str(unit_delay)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env)
+
+
+def wait_for_journal(folder: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Block until the run has planned and begun writing (its journal exists)."""
+    deadline = time.monotonic() + timeout
+    while not any(folder.glob("*.journal")):
+        assert proc.poll() is None, "run ended before its journal appeared"
+        assert time.monotonic() < deadline, "no journal appeared"
+        time.sleep(0.002)
 
 
 @pytest.mark.slow
@@ -43,12 +53,17 @@ def test_kill_9_anywhere_then_resume_gives_identical_bytes(synth_ckpt, tmp_path:
     reference = digest(outputs(ref_dir))
     rng = np.random.default_rng(7 + split)
     moments = np.sort(rng.uniform(0.05, 1.1, 10)) * full  # spread over the run, some after it ends
+    # Where start-up dominates (a slow CI disk, a cold import) random moments may miss the write phase,
+    # so three more kills wait for the journal and land a random moment into slowed-down writing.
+    kills: list[tuple[float, bool]] = [(float(m), False) for m in moments] + [(float(d), True) for d in rng.uniform(0, 0.3, 3)]
     resumed = 0
-    for i, moment in enumerate(moments):
+    for i, (moment, after_journal) in enumerate(kills):
         work = tmp_path / f"run{i}"
         work.mkdir()
         out = work / "m.gguf"
-        proc = start(src, out, *extra)
+        proc = start(src, out, *extra, unit_delay=0.02 if after_journal else 0.0)
+        if after_journal:
+            wait_for_journal(work, proc)
         time.sleep(moment)
         with pytest.raises(ProcessLookupError) if proc.poll() is not None else _nullcontext():
             os.killpg(proc.pid, signal.SIGKILL)
@@ -58,6 +73,7 @@ def test_kill_9_anywhere_then_resume_gives_identical_bytes(synth_ckpt, tmp_path:
             assert digest([p])[p.name] == reference[p.name], f"partial file under final name after kill at {moment:.2f}s"
         interrupted = any(work.glob("*.journal")) or any(work.glob("*.part"))
         resumed += any(work.glob("*.journal"))
+        assert interrupted or not after_journal, "a kill during slowed writing left no journal"
         if interrupted or digest(outputs(work)) != reference:  # else the kill came after a finished run
             proc = start(src, out, *extra)
             assert proc.wait() == 0, proc.stderr.read()
