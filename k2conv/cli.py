@@ -228,22 +228,34 @@ def relayout(src: Path, out: Path, align: str, order: str, stats: Path | None, d
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="MODEL | FILE...")
+@click.option("--integrity", is_flag=True,
+              help="Instead of running the model: recheck the CRC-32C of every tensor and header k2conv stored "
+                   "in each FILE (any shard names its whole split set). Exit 1 on damage, 2 if not verifiable.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="What MODEL must still be: the HF source checkpoint (or another GGUF).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the full report as JSON.")
 @click.option("--max-kld", type=float, default=None, help="Exit 1 when the mean KL divergence exceeds this.")
 @click.option("--min-top1", type=float, default=None, help="Exit 1 when top-1 agreement falls below this (0..1).")
-def verify(model: Path, reference: Path | None, device: str, json_out: Path | None, max_kld: float | None,
-           min_top1: float | None) -> None:
-    """Check a converted model against its source with the reference runner: KLD, top-1, perplexity.
+def verify(paths: tuple[Path, ...], integrity: bool, reference: Path | None, device: str, json_out: Path | None,
+           max_kld: float | None, min_top1: float | None) -> None:
+    """Check a converted model against its source with the reference runner: KLD, top-1, perplexity;
+    or, with --integrity, check that the files' bytes are still the bytes k2conv wrote.
 
     \b
-    Example:
+    Examples:
       k2conv verify kimi-q4_0.gguf --reference ./Kimi-K2.5 --max-kld 0.05 --json report.json
+      k2conv verify --integrity kimi-q2_k-00001-of-00009.gguf kimi-relayout.gguf
     """
     import json
+
+    if integrity:
+        _verify_integrity(list(paths), json_out)
+        return
+    if len(paths) != 1:
+        raise K2ConvError(f"verify takes one MODEL (got {len(paths)} paths); several files only with --integrity")
+    model = paths[0]
 
     from k2conv.infer.verify import run_verify
 
@@ -277,6 +289,25 @@ def verify(model: Path, reference: Path | None, device: str, json_out: Path | No
     if failed:
         click.echo("FAILED: " + "; ".join(failed), err=True)
         sys.exit(1)
+
+
+def _verify_integrity(paths: list[Path], json_out: Path | None) -> None:
+    """`verify --integrity`: one streaming pass per file, a line per file (or per problem), GB/s, exit code."""
+    import json
+
+    from k2conv.convert.integrity import verify_integrity
+
+    report = verify_integrity(paths, progress=True)
+    click.echo(report.render())
+    if json_out is not None:
+        from k2conv.atomic import write_bytes_atomic
+
+        doc = {"files": [{"path": str(f.path), "status": f.status, "tensors": f.tensors, "bytes": f.nbytes,
+                          "problems": f.problems} for f in report.files],
+               "bytes": report.nbytes, "seconds": report.seconds, "gb_per_s": report.gbps,
+               "exit_code": report.exit_code}  # fmt: skip
+        write_bytes_atomic(json_out, json.dumps(doc, indent=2).encode())
+    sys.exit(report.exit_code)
 
 
 @main.command()

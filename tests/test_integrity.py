@@ -245,6 +245,38 @@ def test_files_without_checksums_and_missing_shards_are_not_verified(written: di
     assert sum(f.status == "ok" for f in report.files) == len(written["split"]) - 1
 
 
+def test_verify_integrity_command(written: dict[str, list[Path]], tmp_path: Path) -> None:
+    """`k2conv verify --integrity FILE...`: exit 0 intact (with GB/s), 1 with the damaged tensor named, 2 unverifiable."""
+    run = CliRunner().invoke
+    ok = run(main, ["verify", "--integrity", str(written["one"][0]), str(written["split"][0]), "--json", str(tmp_path / "r.json")])
+    assert ok.exit_code == 0, ok.output
+    assert "all intact" in ok.output and "GB/s" in ok.output
+    assert ok.output.count(": OK (") == 1 + len(written["split"])
+    import json
+
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["exit_code"] == 0 and len(doc["files"]) == 1 + len(written["split"])
+
+    damaged = tmp_path / "d.gguf"
+    shutil.copy(written["one"][0], damaged)
+    layout = scan_file(damaged)
+    victim = layout.tensors[len(layout.tensors) // 2]
+    layout.buf.close()  # type: ignore[attr-defined]
+    with open(damaged, "r+b") as f:
+        f.seek(victim.offset + victim.nbytes // 2)
+        b = f.read(1)[0]
+        f.seek(victim.offset + victim.nbytes // 2)
+        f.write(bytes([b ^ 0x10]))
+    bad = run(main, ["verify", "--integrity", str(damaged)])
+    assert bad.exit_code == 1 and f"DAMAGED: tensor {victim.name}: CRC-32C" in bad.output, bad.output
+
+    missing = run(main, ["verify", "--integrity", str(tmp_path / "nope.gguf")])
+    assert missing.exit_code == 2 and "NOT VERIFIED" in missing.output
+
+    two = run(main, ["verify", str(written["one"][0]), str(damaged)])
+    assert two.exit_code == 2 and "several files only with --integrity" in two.output
+
+
 def test_llama_cpp_loads_a_checksummed_file(written: dict[str, list[Path]]) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(written["one"][0]), vocab_only=False, n_ctx=64, n_threads=2, verbose=False)
