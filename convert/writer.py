@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,6 +269,12 @@ class Interrupted(K2ConvError):
     exit_code = 130
 
 
+class WorkerDied(K2ConvError):
+    """A worker process vanished (OOM killer, kill -9): what was journaled is intact, the rest is redone."""
+
+    exit_code = 3
+
+
 def check_outputs(plan: Plan, force: bool) -> None:
     """Refuse to overwrite without --force, and refuse to start without room for every byte."""
     resuming = journal_path(plan.files[0].path).exists()  # an interrupted run may have renamed some files
@@ -464,6 +471,12 @@ def write_plan(ckpt: Checkpoint, plan: Plan, *, workers: int = 1, opts: Options 
         raise Interrupted(
             f"interrupted: {len(journal.finished)} of {len(units)} units saved in {journal.path}; "
             "rerun the same command to resume"
+        ) from None
+    except BrokenProcessPool:
+        journal.close()  # finished units were journaled by this process, after their bytes were written
+        raise WorkerDied(
+            f"{plan.files[0].path}: a worker process died (killed, or out of memory?): {len(journal.finished)} of "
+            f"{len(units)} units saved in {journal.path}; rerun the same command to resume (fewer --workers use less memory)"
         ) from None
     except K2ConvError:
         journal.close()  # bad input: nothing worth resuming

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from k2conv.convert.journal import load_journal
 
 K2CONV = [sys.executable, "-m", "k2conv.cli"]
 
@@ -52,10 +55,10 @@ def test_kill_9_anywhere_then_resume_gives_identical_bytes(synth_ckpt, tmp_path:
     full = time.perf_counter() - t0
     reference = digest(outputs(ref_dir))
     rng = np.random.default_rng(7 + split)
-    moments = np.sort(rng.uniform(0.05, 1.1, 10)) * full  # spread over the run, some after it ends
+    moments = np.sort(rng.uniform(0.05, 1.1, 15)) * full  # spread over the run, some after it ends
     # Where start-up dominates (a slow CI disk, a cold import) random moments may miss the write phase,
-    # so three more kills wait for the journal and land a random moment into slowed-down writing.
-    kills: list[tuple[float, bool]] = [(float(m), False) for m in moments] + [(float(d), True) for d in rng.uniform(0, 0.3, 3)]
+    # so five more kills wait for the journal and land a random moment into slowed-down writing.
+    kills: list[tuple[float, bool]] = [(float(m), False) for m in moments] + [(float(d), True) for d in rng.uniform(0, 0.3, 5)]
     resumed = 0
     for i, (moment, after_journal) in enumerate(kills):
         work = tmp_path / f"run{i}"
@@ -133,3 +136,43 @@ def test_changed_input_refuses_to_resume(synth_ckpt, tmp_path: Path) -> None:
     assert run.returncode == 2 and "cannot resume: input changed" in run.stderr and shard.name in run.stderr
     assert not out.exists()
     assert subprocess.run([*cmd, "--restart"]).returncode == 0 and out.exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
+
+
+def test_killed_worker_is_reported_and_the_run_resumes(synth_ckpt, tmp_path: Path) -> None:
+    """A worker killed mid-run (as the OOM killer would): one clear line, journal kept, rerun gives the same bytes."""
+    src = synth_ckpt("k2.5")
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    assert start(src, ref_dir / "m.gguf").wait() == 0
+    out = tmp_path / "m.gguf"
+    proc = start(src, out, unit_delay=0.05)
+    wait_for_journal(tmp_path, proc)
+    journal = next(tmp_path.glob("*.journal"))
+    deadline = time.monotonic() + 60
+    while journal.read_text().count("\n") < 4:  # some units finished before the kill
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    workers = _children(proc.pid)
+    assert workers, "no worker processes found"
+    os.kill(workers[0], signal.SIGKILL)
+    code = proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    assert code == 3, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "a worker process died" in lines[0] and "rerun the same command to resume" in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists() and journal.exists()
+    saved = load_journal(journal)
+    assert saved is not None and len(saved.finished) >= 3
+    assert start(src, out).wait() == 0
+    assert digest([out]) == digest(outputs(ref_dir))
+    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.journal"))
