@@ -291,3 +291,26 @@ def test_cuda_runner_matches_cpu(synth_ckpt, gguf_files) -> None:
     gpu_model = KimiModel(GGUFSource(gguf), "cuda")
     assert gpu_model.lm_head.is_cuda
     assert rel_diff(gpu_model(ids).cpu().numpy(), cpu) <= 1e-4
+
+
+def test_decode_step_reads_exactly_the_active_expert_bytes(gguf_files) -> None:
+    """One decode token reads k experts × (gate + up + down bytes) per MoE layer, from the file's own sizes."""
+    from gguf import GGUFReader
+
+    path = gguf_files("k2.5", "Q4_K_M", "--no-mmproj")
+    reader = GGUFReader(path)
+    per_expert = {}
+    for t in reader.tensors:
+        if "_exps" in t.name:
+            layer = int(t.name.split(".")[1])
+            per_expert[layer] = per_expert.get(layer, 0) + int(t.n_bytes) // int(t.shape[-1])
+    src = open_weights(path)
+    model = KimiModel(src)
+    cache = model.new_cache(8)
+    model.forward([5, 6, 7], cache)
+    before_bytes, before_reads = src.stats.expert_bytes, src.stats.expert_reads
+    model.forward([9], cache)
+    k = src.config.num_experts_per_tok
+    assert src.stats.expert_bytes - before_bytes == k * sum(per_expert.values())
+    assert src.stats.expert_reads - before_reads == 3 * k * len(per_expert)
+    src.close()
