@@ -215,14 +215,17 @@ def test_f32_gguf_matches_llamacpp(synth_ckpt, gguf_files, variant: str) -> None
 # weights), which the runner does not do: every logit moves by ~1% of the logit range (median per
 # position measured 0.81%), and with sigmoid top-2-of-8 routing on random weights a near-tie now and
 # then picks another expert, which moves that position a lot (max 28% of the range, KLD up to 2.2).
-# Measured on these 120 positions: mean KLD 0.040 (Q8_0) / 0.031 (q4_0-native), top-1 agreement 0.92 /
-# 0.94. The bounds leave 2.5x on the KLD and stay far from a damaged file (one scrambled expert, the
-# verify test below: mean KLD 0.68, top-1 0.64).
-MEDIAN_REL, MEAN_KLD, TOP1 = 0.02, 0.1, 0.85
+# Measured on these 120 positions: mean KLD 0.040 (Q8_0) / 0.031 (q4_0-native) / 0.053 (Q2_K) / 0.066
+# (k2.5-q2_k-xl), top-1 agreement 0.92 / 0.94 / 0.875 / 0.867. The gap is llama.cpp quantizing the
+# activations (Q8_0 / Q8_K) where the runner multiplies in float32; the K-quant mixes add Q8_K's coarser
+# activation blocks. The bounds leave 1.5-3x on the KLD and stay far from a damaged file (one scrambled
+# expert, the verify test below: mean KLD 0.68, top-1 0.64).
+MEDIAN_REL, MEAN_KLD = 0.02, 0.1
+TOP1 = {"q8_0": 0.85, "q4_0-native": 0.85, "Q2_K": 0.8, "k2.5-q2_k-xl": 0.8}
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("recipe", ["q8_0", "q4_0-native"])
+@pytest.mark.parametrize("recipe", ["q8_0", "q4_0-native", "Q2_K", "k2.5-q2_k-xl"])
 def test_quantized_gguf_matches_llamacpp(gguf_files, recipe: str) -> None:
     gguf = gguf_files("k2.5", recipe)
     src = GGUFSource(gguf)
@@ -236,7 +239,7 @@ def test_quantized_gguf_matches_llamacpp(gguf_files, recipe: str) -> None:
     stats = compare(ours, theirs)
     median_rel = float(np.median(np.concatenate(rel)))
     print(f"{recipe}: median rel {median_rel:.4f}, {stats}")
-    assert median_rel <= MEDIAN_REL and stats["kld_mean"] <= MEAN_KLD and stats["top1_agreement"] >= TOP1, (
+    assert median_rel <= MEDIAN_REL and stats["kld_mean"] <= MEAN_KLD and stats["top1_agreement"] >= TOP1[recipe], (
         median_rel, stats)  # fmt: skip
 
 
