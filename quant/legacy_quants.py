@@ -144,18 +144,37 @@ def _roundf(v):
     return -t if v < ZERO else t
 
 
-@njit(void(F1, i64, OUT, i64), **JIT)
-def _q80_ref(x, xo, out, b):
-    """quantize_row_q8_0_ref: d = amax/127, q = roundf(x·id)."""
-    amax = ZERO
-    for j in range(32):
-        a = abs(x[xo + j])
-        amax = amax if amax > a else a
-    d = amax / F32(127.0)
-    idv = ONE / d if d != ZERO else ZERO
-    store_fp16(out, b, 0, d)
-    for j in range(32):
-        out[b, 2 + j] = trunc_i32(_roundf(x[xo + j] * idv)) & 0xFF
+@njit(void(F1, OUT, i64, i64), **JIT)
+def _q80_range(x, out, start, stop):
+    """quantize_row_q8_0_ref for blocks [start, stop): d = amax/127, q = roundf(x·id).
+
+    When amax and 1/d are finite every x·id lies in [-127, 127], so rounding is written as selects
+    into a scratch block and the int conversion needs no range check: LLVM vectorizes both loops (2x
+    on this machine). Blocks with inf/NaN, or a subnormal amax whose 1/d overflows, take the exact
+    scalar path (C's conversion of NaN/out-of-range floats).
+    """
+    q = np.empty(32, np.float32)
+    for b in range(start, stop):
+        xo = b * 32
+        amax = ZERO
+        for j in range(32):
+            a = abs(x[xo + j])
+            amax = amax if amax > a else a
+        d = amax / F32(127.0)
+        idv = ONE / d if d != ZERO else ZERO
+        store_fp16(out, b, 0, d)
+        if amax < F32(np.inf) and idv < F32(np.inf):
+            for j in range(32):
+                v = x[xo + j] * idv
+                a = abs(v)
+                t = np.floor(a)
+                t = t + ONE if a - t >= HALF else t
+                q[j] = -t if v < ZERO else t
+            for j in range(32):
+                out[b, 2 + j] = np.uint8(np.int32(q[j]) & 0xFF)
+        else:
+            for j in range(32):
+                out[b, 2 + j] = trunc_i32(_roundf(x[xo + j] * idv)) & 0xFF
 
 
 @njit(void(F1, i64, i64, i64, F1), **JIT)
@@ -178,6 +197,9 @@ def _rows_sigma2(x, r0, r1, n_per_row, out):
 @njit(void(F1, OUT, i64, i64, i64), **JIT)
 def _ref_range(x, out, start, stop, kind):
     """The reference (no imatrix) quantizers, one 32-block at a time."""
+    if kind == 4:
+        _q80_range(x, out, start, stop)
+        return
     L = np.zeros(32, np.int64)
     for b in range(start, stop):
         xo = b * 32
@@ -187,10 +209,8 @@ def _ref_range(x, out, start, stop, kind):
             _q41_ref(x, xo, out, b, L)
         elif kind == 2:
             _q50_ref(x, xo, out, b, L)
-        elif kind == 3:
-            _q51_ref(x, xo, out, b, L)
         else:
-            _q80_ref(x, xo, out, b)
+            _q51_ref(x, xo, out, b, L)
 
 
 @njit(void(F1, F1, OUT, i64, i64, i64, i64), **JIT)
