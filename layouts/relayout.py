@@ -11,9 +11,15 @@ The original file(s) are restorable byte for byte: each input's header is kept v
 with its tensors' offsets and any non-zero gap bytes, so `restore` rewrites exactly what was read, for a
 split set as for one file, whoever wrote it.
 
-Writing streams: every unit (one tensor, or one record) is read with a few large preads and written with
-one pwrite per chunk at its planned offset into `<out>.part`; a journal of finished units (CRC-32 each)
-makes a killed run resume, and the file is fsynced and renamed only when complete.
+With `compress="zstd[:LEVEL]"` each record is stored as one zstd frame (layout version 2; the other
+tensors stay raw), so a miss is still one read, followed by one decompression.
+
+Writing streams: units (one tensor, or one record) are written in file order, each one after the
+aligned end of the previous, into `<out>.part`; a journal of finished units (CRC-32C and stored size
+each) makes a killed run resume. The same CRC-32C values, computed as the bytes are written, become
+the file's per-tensor checksums (convert/integrity.py: `k2conv verify --integrity` rechecks them);
+the header's fixed-width slots for them, and for the record offsets a compressed run only learns as it
+goes, are filled in last, then the file is fsynced and renamed.
 """
 
 from __future__ import annotations
@@ -22,36 +28,57 @@ import json
 import os
 import re
 import struct
-import zlib
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import zstandard
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.constants import GGUF_MAGIC
 
 from k2conv.atomic import commit, temp_path
+from k2conv.convert.integrity import (
+    ALGORITHM,
+    KEY_ALGORITHM,
+    KEY_HEADER,
+    KEY_TENSORS,
+    crc32c,
+    header_checksum,
+)
 from k2conv.convert.journal import Journal, input_identity, load_journal, plan_hash
 from k2conv.errors import K2ConvError
+from k2conv.gguf_scan import open_gguf_reader
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 1  # records stored raw
+LAYOUT_VERSION_ZSTD = 2  # records stored as zstd frames: a version-1 reader must refuse them, not misread them
+READ_VERSIONS = (LAYOUT_VERSION, LAYOUT_VERSION_ZSTD)
 KIND = "expert-records"
 DEFAULT_ALIGN = 4096  # docs/layout.md: 2 MiB wastes ~150x more for no gain on 4 KiB-page reads
 CHUNK = 64 << 20  # bounded memory: the most any single read or write holds
+DEFAULT_ZSTD_LEVEL = 3  # zstd's own default
+MAX_ZSTD_LEVEL = 22
 
 KEY_VERSION = "k2conv.layout.version"  # UINT32; the first KV of every relayout file (cheap detection)
 KEY_KIND = "k2conv.layout.kind"  # STRING "expert-records"
 KEY_ALIGN = "k2conv.layout.align"  # UINT64, equal to general.alignment
 KEY_N_EXPERT = "k2conv.layout.n_expert"  # UINT32
 KEY_LAYERS = "k2conv.layout.layers"  # ARRAY[UINT32]: the relaid layers, ascending
-KEY_RECORD_BYTES = "k2conv.layout.record_bytes"  # ARRAY[UINT64]: record size per relaid layer
+KEY_RECORD_BYTES = "k2conv.layout.record_bytes"  # ARRAY[UINT64]: record size per relaid layer (uncompressed)
 KEY_OFFSETS = "k2conv.layout.record_offsets"  # ARRAY[UINT64]: [i * n_expert + e] → absolute offset
 KEY_INDEX = "k2conv.layout.index"  # STRING, JSON: parts of each record, restore data (see docs)
+KEY_COMPRESSION = "k2conv.layout.compression"  # STRING "zstd" (version 2 only)
+KEY_LEVEL = "k2conv.layout.compression_level"  # UINT32, informative (readers do not need it)
+KEY_STORED = "k2conv.layout.record_stored_bytes"  # ARRAY[UINT64], indexed like record_offsets (version 2 only)
 
 PROJS = ("gate", "up", "down")
 _EXPS_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _DROP_KEYS = ("general.alignment", "split.no", "split.count", "split.tensors.count")
+_DROP_PREFIXES = ("k2conv.checksum.",)  # the input's checksums describe the input; ours are written anew
 
 
 def record_name(layer: int, e: int) -> str:
@@ -68,6 +95,35 @@ def gaps_name(k: int) -> str:
 
 def pad(n: int, align: int) -> int:
     return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How records are stored: one zstd frame per record at `level`."""
+
+    algorithm: str
+    level: int
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.level}"
+
+
+def parse_compression(spec: str | None) -> Compression | None:
+    """`zstd` or `zstd:LEVEL` (1..22) → Compression; None or "none" → None; anything else is a K2ConvError."""
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return None
+    algorithm, colon, level = spec.strip().lower().partition(":")
+    if algorithm != "zstd":
+        raise K2ConvError(f"--compress {spec}: expected zstd or zstd:LEVEL")
+    if not colon:
+        return Compression("zstd", DEFAULT_ZSTD_LEVEL)
+    try:
+        n = int(level)
+    except ValueError:
+        raise K2ConvError(f"--compress {spec}: the zstd level must be an integer 1..{MAX_ZSTD_LEVEL}") from None
+    if not 1 <= n <= MAX_ZSTD_LEVEL:
+        raise K2ConvError(f"--compress {spec}: the zstd level must be 1..{MAX_ZSTD_LEVEL}")
+    return Compression("zstd", n)
 
 
 # ---- GGUF serialization (the few value types we write) --------------------------------------------------
@@ -121,6 +177,8 @@ class Unit:
     sources: list[Src] = field(default_factory=list)
     blob: bytes | None = None  # bytes held in memory instead (original headers, gap bytes)
     offset: int = 0  # absolute, in the output
+    stored: int = -1  # bytes in the output: nbytes, or a compressed record's frame size once written
+    record: bool = False  # an expert record (the only units that are ever compressed)
 
     @property
     def nbytes(self) -> int:
@@ -143,12 +201,29 @@ class RelayoutReport:
     resumed_units: int = 0
     written_units: int = 0
     dry_run: bool = False
+    compression: Compression | None = None
+    record_raw: int = 0  # the records' bytes before compression
+    record_stored: int = 0  # ... and as stored (an estimate in a compressed dry run)
+    sampled: int = 0  # compressed dry run: records compressed to estimate the ratio
 
     def lines(self) -> list[str]:
-        return [
-            f"{self.out}: {self.records} records in {self.record_layers} layers, align {self.align}, order {self.order}",
-            f"size {self.size:,} B (inputs {self.input_size:,} B); padding {self.waste:,} B (inputs {self.input_waste:,} B)",
-        ] + ([f"resumed {self.resumed_units} units, wrote {self.written_units}"] if not self.dry_run else ["dry run: nothing written"])
+        comp = f", records {self.compression}" if self.compression else ""
+        out = [f"{self.out}: {self.records} records in {self.record_layers} layers, align {self.align}, "
+               f"order {self.order}{comp}"]
+        if self.compression and self.dry_run:
+            ratio = self.record_raw / self.record_stored if self.record_stored else 0.0
+            out.append(f"size about {self.size:,} B (inputs {self.input_size:,} B): an ESTIMATE, records shrink "
+                       f"{ratio:.2f}x in {self.sampled} of {self.records} records compressed as a sample; the exact "
+                       f"size is known only once every record is compressed")
+        else:
+            out.append(f"size {self.size:,} B (inputs {self.input_size:,} B); padding {self.waste:,} B "
+                       f"(inputs {self.input_waste:,} B)")
+            if self.compression:
+                out.append(f"records {self.record_raw:,} B stored in {self.record_stored:,} B "
+                           f"({self.record_raw / max(self.record_stored, 1):.2f}x, {self.compression})")
+        out.append("dry run: nothing written" if self.dry_run else
+                   f"resumed {self.resumed_units} units, wrote {self.written_units}")
+        return out
 
 
 def _header_end(reader: GGUFReader) -> int:
@@ -174,15 +249,76 @@ def load_stats(path: Path) -> dict[int, dict[int, int]]:
         raise K2ConvError(f"{path}: not a routing statistics file ({exc})") from None
 
 
-def _plan(inputs: list[Path], align: int, order: str, stats: dict[int, dict[int, int]] | None
-          ) -> tuple[bytes, list[Unit], dict, int]:
-    """(header, units in file order with offsets, index, total size) of the relayout of `inputs`."""
+@dataclass
+class _Plan:
+    """Everything about the output but the records' stored sizes (and so, when compressed, their offsets).
+
+    Every header field has a fixed width, so the header's length, and the data start, are known here
+    whatever the offsets, stored sizes and checksums turn out to be; `header` serializes it for the
+    units' current `offset` and `stored`.
+    """
+
+    units: list[Unit]
+    index: dict
+    layers: list[int]
+    n_expert: int
+    keys: list[tuple[int, int]]  # (layer, expert) of units[first_record:], in file order
+    first_record: int
+    align: int
+    fixed_kvs: list[bytes]  # layout keys before record_offsets
+    original_kvs: list[bytes]  # the first input's KV pairs, byte for byte
+    compression: Compression | None
+    input_waste: int = 0
+    data_start: int = 0
+
+    def place(self) -> int:
+        """Put each unit at the aligned end of the previous one; returns the file size."""
+        pos = self.data_start
+        for u in self.units:
+            u.offset = pos
+            pos += pad(u.stored, self.align)
+        return pos
+
+    def serialize(self, crcs: list[int] | None = None) -> tuple[bytearray, int, int]:
+        """(header, offset of the header-checksum value, offset of the tensor-checksum values); checksum slots
+        hold `crcs` (zeros when None) and a zero header checksum."""
+        slot = {key: self.units[self.first_record + i] for i, key in enumerate(self.keys)}
+        recs = [slot[(layer, e)] for layer in self.layers for e in range(self.n_expert)]
+        kvs = [*self.fixed_kvs, _kv_arr(KEY_OFFSETS, GGUFValueType.UINT64, [u.offset for u in recs])]
+        if self.compression is not None:
+            kvs += [_kv_str(KEY_COMPRESSION, self.compression.algorithm), _kv_u32(KEY_LEVEL, self.compression.level),
+                    _kv_arr(KEY_STORED, GGUFValueType.UINT64, [u.stored for u in recs])]
+        n = len(self.units)
+        kvs += [*self.original_kvs, _kv_str(KEY_ALGORITHM, ALGORITHM), _kv_u32(KEY_HEADER, 0),
+                _kv_arr(KEY_TENSORS, GGUFValueType.UINT32, list(crcs) if crcs is not None else [0] * n)]
+        infos = b"".join(_tensor_info(u.name, (u.stored,) if u.record else u.ne, u.qtype, u.offset - self.data_start)
+                         for u in self.units)
+        head = bytearray(struct.pack("<IIQQ", GGUF_MAGIC, 3, n, len(kvs)))
+        for kv in kvs:
+            head += kv
+        values_at = len(head) - 4 * n  # the checksum keys are the last KVs: their place is arithmetic
+        head_at = values_at - 16 - 8 - len(KEY_TENSORS) - 4  # ARRAY header, key, key length; UINT32 value before
+        assert head[head_at + 4 + 8 : head_at + 4 + 8 + len(KEY_TENSORS)] == KEY_TENSORS.encode()
+        head += infos
+        return head, head_at, values_at
+
+    def header(self, crcs: list[int]) -> bytes:
+        """The final header: checksums in their slots, the header checksum over it with both zeroed."""
+        head, head_at, values_at = self.serialize(crcs)
+        crc = header_checksum(head, self.data_start, [(head_at, 4), (values_at, 4 * len(self.units))])
+        head[head_at : head_at + 4] = struct.pack("<I", crc)
+        return bytes(head)
+
+
+def _plan(inputs: list[Path], align: int, order: str, stats: dict[int, dict[int, int]] | None,
+          compression: Compression | None = None) -> _Plan:
+    """The relayout of `inputs`, placed as if no record were compressed."""
     if align < 32 or align & (align - 1):
         raise K2ConvError(f"--align {align}: must be a power of two, at least 32")
     readers = []
     for p in inputs:
         try:
-            readers.append(GGUFReader(p, "r"))
+            readers.append(open_gguf_reader(p))
         except (ValueError, KeyError, OSError) as exc:
             raise K2ConvError(f"{p}: not a readable GGUF ({exc})") from None
     if readers[0].fields.get(KEY_VERSION) is not None:
@@ -264,41 +400,27 @@ def _plan(inputs: list[Path], align: int, order: str, stats: dict[int, dict[int,
         for part in info["parts"]:
             k, t = exps[layer][part["proj"]]
             srcs.append(Src(k, t.data_offset + e * part["nbytes"], part["nbytes"]))  # type: ignore[attr-defined]
-        units.append(Unit(record_name(layer, e), int(GGMLQuantizationType.I8), (info["record_bytes"],), srcs))
+        units.append(Unit(record_name(layer, e), int(GGMLQuantizationType.I8), (info["record_bytes"],), srcs, record=True))
+    for u in units:
+        u.stored = u.nbytes
 
-    index = {"version": LAYOUT_VERSION, "order": order, "layers": layer_info, "files": files}
-    fixed = [_kv_u32(KEY_VERSION, LAYOUT_VERSION), _kv_str(KEY_KIND, KIND), _kv_u64(KEY_ALIGN, align),
+    index = {"version": LAYOUT_VERSION if compression is None else LAYOUT_VERSION_ZSTD, "order": order,
+             "layers": layer_info, "files": files}
+    fixed = [_kv_u32(KEY_VERSION, index["version"]), _kv_str(KEY_KIND, KIND), _kv_u64(KEY_ALIGN, align),
              _kv_u32("general.alignment", align), _kv_u32(KEY_N_EXPERT, n_expert),
              _kv_arr(KEY_LAYERS, GGUFValueType.UINT32, layers),
              _kv_arr(KEY_RECORD_BYTES, GGUFValueType.UINT64, [layer_info[str(la)]["record_bytes"] for la in layers]),
              _kv_str(KEY_INDEX, json.dumps(index, separators=(",", ":")))]
-    r0 = readers[0]
     original_kvs = []
-    for name, fld in r0.fields.items():  # the first input's KV pairs, byte for byte, in their order
-        if name.startswith("GGUF.") or name in _DROP_KEYS:
-            continue
-        with open(inputs[0], "rb") as f:
+    with open(inputs[0], "rb") as f:
+        for name, fld in readers[0].fields.items():  # the first input's KV pairs, byte for byte, in their order
+            if name.startswith("GGUF.") or name in _DROP_KEYS or name.startswith(_DROP_PREFIXES):
+                continue
             original_kvs.append(os.pread(f.fileno(), sum(int(x.nbytes) for x in fld.parts), fld.offset))
-
-    def header_with(offsets: list[int]) -> bytes:
-        kvs = [*fixed, _kv_arr(KEY_OFFSETS, GGUFValueType.UINT64, offsets), *original_kvs]
-        infos = b"".join(_tensor_info(u.name, u.ne, u.qtype, u.offset - data_start) for u in units)
-        return struct.pack("<IIQQ", GGUF_MAGIC, 3, len(units), len(kvs)) + b"".join(kvs) + infos
-
-    data_start = 0
-    probe = header_with([0] * len(keys))  # offsets only change values, never the length
-    data_start = pad(len(probe), align)
-    pos = data_start
-    for u in units:
-        u.offset = pos
-        pos += pad(u.nbytes, align)
-    total = data_start + sum(pad(u.nbytes, align) for u in units[:-1]) + (units[-1].nbytes if units else 0)
-    slot = {key: units[first_record + i].offset for i, key in enumerate(keys)}
-    offsets = [slot[(layer, e)] for layer in layers for e in range(n_expert)]
-    header = header_with(offsets)
-    assert len(header) == len(probe)
-    index["_input_waste"] = input_waste
-    return header, units, index, total
+    plan = _Plan(units, index, layers, n_expert, keys, first_record, align, fixed, original_kvs, compression, input_waste)
+    plan.data_start = pad(len(plan.serialize()[0]), align)  # values never change the header's length
+    plan.place()
+    return plan
 
 
 def _pread_all(fd: int, n: int, offset: int) -> bytes:
@@ -331,84 +453,229 @@ def _unit_chunks(u: Unit, fds: list[int]) -> Iterator[bytes]:
             yield _pread_all(fds[s.file], min(CHUNK, s.nbytes - at), s.offset + at)
 
 
-def _crc_of(fd: int, offset: int, n: int) -> int:
+def _crc_at(fd: int, offset: int, n: int) -> int | None:
+    """CRC-32C of n bytes of the temporary file at offset; None if the file ends first."""
     crc = 0
     for at in range(0, n, CHUNK):
-        crc = zlib.crc32(_pread_all(fd, min(CHUNK, n - at), offset + at), crc)
+        want = min(CHUNK, n - at)
+        data = os.pread(fd, want, offset + at)
+        if len(data) != want:
+            return None
+        crc = crc32c(data, crc)
     return crc
+
+
+class _Compressor:
+    """Compresses records ahead of the writer on a few threads (zstd releases the GIL), handing them
+    back in file order; holds at most `2 × threads` compressed records."""
+
+    def __init__(self, units: list[Unit], todo: list[int], fds: list[int], compression: Compression) -> None:
+        self.units, self.fds, self.compression = units, fds, compression
+        self.threads = min(4, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="k2conv-zstd")
+        self.queue = deque(todo)
+        self.pending: dict[int, Future] = {}
+        self.local = threading.local()
+
+    def compress(self, i: int) -> tuple[list[bytes], int, int]:
+        """(frame pieces, CRC-32C, size) of unit i's record as one zstd frame."""
+        cctx = getattr(self.local, "cctx", None)
+        if cctx is None:  # a compression context is not thread-safe: one per thread
+            cctx = self.local.cctx = zstandard.ZstdCompressor(level=self.compression.level, write_checksum=True,
+                                                              write_content_size=True)
+        u = self.units[i]
+        obj = cctx.compressobj(size=u.nbytes)
+        pieces = [piece for chunk in _unit_chunks(u, self.fds) if (piece := obj.compress(chunk))]
+        pieces.append(obj.flush())
+        crc = 0
+        for piece in pieces:
+            crc = crc32c(piece, crc)
+        return pieces, crc, sum(len(p) for p in pieces)
+
+    def get(self, i: int) -> tuple[list[bytes], int, int]:
+        """Unit i compressed (waited for, or compressed here if it was not queued), the next ones queued."""
+        while self.queue and self.queue[0] <= i:
+            self.queue.popleft()
+        fut = self.pending.pop(i, None)
+        while self.queue and len(self.pending) < 2 * self.threads:
+            j = self.queue.popleft()
+            self.pending[j] = self.pool.submit(self.compress, j)
+        return fut.result() if fut is not None else self.compress(i)
+
+    def close(self) -> None:
+        for fut in self.pending.values():
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+
+
+class _Journal(Journal):
+    """The relayout journal: each line also carries the unit's stored size (`"n"`), which is where the
+    next unit starts when records are compressed."""
+
+    sizes: dict[int, int]
+
+    @classmethod
+    def adopt(cls, old: Journal) -> _Journal:
+        """A loaded journal, with the stored sizes of its intact lines."""
+        new = cls(old.path, old.plan, old.options, old.inputs, dict(old.finished), old.done, old.valid_bytes)
+        new.sizes = {}
+        for line in old.path.read_bytes()[: old.valid_bytes].splitlines()[1:]:
+            entry = json.loads(line)  # intact lines only: load_journal checked them
+            if isinstance(entry.get("u"), int) and isinstance(entry.get("n"), int):
+                new.sizes[entry["u"]] = entry["n"]
+        return new
+
+    def record_stored(self, unit: int, crc: int, nbytes: int) -> None:
+        self._append(f'{{"u": {unit}, "crc": {crc}, "n": {nbytes}}}\n'.encode())
+        self.finished[unit] = crc
+        self.sizes[unit] = nbytes
 
 
 # Tests set this (in a child process) to die after a given unit: a real kill, mid-run.
 _after_unit: Callable[[int], None] | None = None
+# Tests set K2CONV_TEST_UNIT_DELAY (seconds) so that kills land in every phase on any machine: it is slept
+# after the journal starts, after the header, before and after each unit's write, before and after the rename.
+_TEST_DELAY = float(os.environ.get("K2CONV_TEST_UNIT_DELAY") or 0)
+
+
+def _pause(fraction: float = 1.0) -> None:
+    if _TEST_DELAY:
+        time.sleep(_TEST_DELAY * fraction)
+
+
+def _estimate(plan: _Plan, inputs: list[Path], report: RelayoutReport, samples: int = 4) -> None:
+    """Dry run with compression: compress up to `samples` records spread over the file; scale the rest."""
+    records = plan.units[plan.first_record :]
+    if not records:
+        return
+    assert plan.compression is not None
+    picks = sorted({round(k * (len(records) - 1) / max(samples - 1, 1)) for k in range(min(samples, len(records)))})
+    fds = [os.open(p, os.O_RDONLY) for p in inputs]
+    comp = _Compressor(plan.units, [], fds, plan.compression)
+    try:
+        raw = sum(records[k].nbytes for k in picks)
+        stored = sum(comp.compress(plan.first_record + k)[2] for k in picks)
+    finally:
+        comp.close()
+        for f in fds:
+            os.close(f)
+    ratio = stored / raw if raw else 1.0
+    for u in records:
+        u.stored = round(u.nbytes * ratio)
+    report.size = plan.place()
+    report.record_raw = sum(u.nbytes for u in records)
+    report.record_stored = sum(u.stored for u in records)
+    report.sampled = len(picks)
 
 
 def relayout(inputs: list[Path], out: Path, align: int = DEFAULT_ALIGN, order: str = "layer",
-             stats: Path | None = None, dry_run: bool = False) -> RelayoutReport:
+             stats: Path | None = None, dry_run: bool = False, compress: str | None = None) -> RelayoutReport:
     """Write the expert-record relayout of `inputs` (one GGUF or a whole split set, in order) to `out`.
 
-    Resumes a killed run of the same inputs and options from `<out>.part` and its journal; anything
-    else there is started over (the journal's first line says what run it belongs to).
+    `compress`: None, or `zstd[:LEVEL]` to store each record as one zstd frame. Resumes a killed run of
+    the same inputs and options from `<out>.part` and its journal; anything else there is started over
+    (the journal's first line says what run it belongs to).
     """
     inputs = [Path(p) for p in inputs]
     out = Path(out)
-    header, units, index, total = _plan(inputs, align, order, load_stats(stats) if stats else None)
-    data_waste = total - (units[0].offset if units else len(header)) - sum(u.nbytes for u in units)
-    n_records = sum(1 for u in units if u.name.startswith("blk.") and ".exp." in u.name)
-    report = RelayoutReport(out, align, order, total, sum(p.stat().st_size for p in inputs), n_records,
-                            len(index["layers"]), data_waste, index["_input_waste"], dry_run=dry_run)
+    compression = parse_compression(compress)
+    plan = _plan(inputs, align, order, load_stats(stats) if stats else None, compression)
+    units = plan.units
+    records = units[plan.first_record :]
+    report = RelayoutReport(out, align, order, plan.place(), sum(p.stat().st_size for p in inputs), len(records),
+                            len(plan.layers), 0, plan.input_waste, dry_run=dry_run, compression=compression,
+                            record_raw=sum(u.nbytes for u in records), record_stored=sum(u.stored for u in records))
+    report.waste = report.size - plan.data_start - sum(u.stored for u in units)
     if dry_run:
+        if compression is not None:
+            _estimate(plan, inputs, report)
         return report
 
+    crc32c(b"\0" * 16)  # import numba and load the kernel now, not between the journal and the first unit
     temp = temp_path(out)
     jpath = temp.with_name(temp.name + ".journal")
-    new = Journal(jpath, plan_hash([header]), {"align": align, "order": order},
-                  input_identity(inputs + ([Path(stats)] if stats else [])))
+    options = {"align": align, "order": order, "compress": str(compression) if compression else None}
+    if compression is not None:  # another zstd may compress to other bytes: start over, do not mix
+        options["zstd"] = ".".join(map(str, zstandard.ZSTD_VERSION))
+    new = _Journal(jpath, plan_hash([bytes(plan.serialize()[0])]), options,
+                   input_identity(inputs + ([Path(stats)] if stats else [])))
+    new.sizes = {}
     old = load_journal(jpath)
-    resume = old is not None and temp.exists() and temp.stat().st_size == total and \
+    resume = old is not None and temp.exists() and \
         (old.plan, old.options, old.inputs) == (new.plan, new.options, new.inputs)
     fds = [os.open(p, os.O_RDONLY) for p in inputs]
     try:
         if resume:
             assert old is not None
-            journal = old
+            journal = _Journal.adopt(old)
             journal.reopen()
             fd = os.open(temp, os.O_RDWR)
-            done = {i for i, crc in old.finished.items()
-                    if i < len(units) and _crc_of(fd, units[i].offset, units[i].nbytes) == crc}
-            journal.finished = {i: old.finished[i] for i in done}
+            known = {i: (crc, journal.sizes[i]) for i, crc in journal.finished.items()
+                     if 0 <= i < len(units) and i in journal.sizes}
         else:
-            if jpath.exists():
-                jpath.unlink()
+            jpath.unlink(missing_ok=True)
             fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(fd, total)  # padding reads as zeros, never written
             journal = new
             journal.create()
-            done = set()
-        report.resumed_units = len(done)
+            known = {}
+        comp = _Compressor(units, [i for i in range(plan.first_record, len(units)) if i not in known], fds,
+                           compression) if compression is not None else None
         try:
-            _pwrite_all(fd, header, 0)
+            _pause()
+            head = plan.serialize()[0]  # placeholders until every offset and checksum is known
+            _pwrite_all(fd, bytes(head) + bytes(plan.data_start - len(head)), 0)
+            _pause()
+            crcs = [0] * len(units)
+            pos, reusable = plan.data_start, True
             for i, u in enumerate(units):
-                if i in done:
-                    continue
-                crc, at = 0, u.offset
-                for chunk in _unit_chunks(u, fds):
-                    _pwrite_all(fd, chunk, at)
-                    crc = zlib.crc32(chunk, crc)
-                    at += len(chunk)
-                journal.record(i, crc)
-                report.written_units += 1
-                if _after_unit is not None:
-                    _after_unit(i)
+                u.offset = pos
+                if reusable and i in known and _crc_at(fd, pos, known[i][1]) == known[i][0]:
+                    crcs[i], u.stored = known[i]
+                    report.resumed_units += 1
+                else:
+                    _pause(0.5)
+                    crc, at = 0, pos
+                    if comp is not None and u.record:  # its CRC was computed beside the compression
+                        pieces, crc, _ = comp.get(i)
+                        for piece in pieces:
+                            _pwrite_all(fd, piece, at)
+                            at += len(piece)
+                    else:
+                        for piece in _unit_chunks(u, fds):
+                            _pwrite_all(fd, piece, at)
+                            crc = crc32c(piece, crc)
+                            at += len(piece)
+                    u.stored = at - pos
+                    if resume and pad(u.stored, align) > u.stored:  # a resumed file may hold old bytes there
+                        _pwrite_all(fd, bytes(pad(u.stored, align) - u.stored), at)
+                    if i in known and known[i][1] != u.stored:
+                        reusable = False  # every later unit moved: none of them can be reused
+                    _pause(0.5)
+                    journal.record_stored(i, crc, u.stored)
+                    crcs[i] = crc
+                    report.written_units += 1
+                    if _after_unit is not None:
+                        _after_unit(i)
+                pos = u.offset + pad(u.stored, align)
+            os.ftruncate(fd, pos)  # the last unit's padding too, as llama.cpp expects; drops stale bytes
+            _pwrite_all(fd, plan.header(crcs), 0)
             os.fsync(fd)
             journal.mark_done()
         finally:
+            if comp is not None:
+                comp.close()
             os.close(fd)
             journal.close()
+        _pause()
         commit(temp, out)
+        _pause()
         jpath.unlink()
     finally:
         for f in fds:
             os.close(f)
+    report.size = pos
+    report.waste = pos - plan.data_start - sum(u.stored for u in units)
+    report.record_stored = sum(u.stored for u in records)
     return report
 
 
@@ -417,21 +684,39 @@ def relayout(inputs: list[Path], out: Path, align: int = DEFAULT_ALIGN, order: s
 
 @dataclass
 class Layout:
-    """The O(1) locator of a relayout file: record (layer, e) → (offset, parts)."""
+    """The O(1) locator of a relayout file: record (layer, e) → (offset, stored size, parts)."""
 
     path: Path
     n_expert: int
     layers: list[int]
-    record_bytes: dict[int, int]
+    record_bytes: dict[int, int]  # uncompressed record size per layer
     offsets: np.ndarray  # uint64 [len(layers) * n_expert]
     index: dict
+    compression: str | None = None  # "zstd": each record is one zstd frame
+    stored: np.ndarray | None = None  # uint64, like offsets: bytes stored per record (compressed files)
 
     def record(self, layer: int, e: int) -> tuple[int, int]:
-        """(absolute offset, size) of the record of expert `e` in `layer`."""
+        """(absolute offset, stored size) of the record of expert `e` in `layer`: what one read fetches."""
         i = self._slot[layer]
         if not 0 <= e < self.n_expert:
             raise IndexError(f"layer {layer}: expert {e} of {self.n_expert}")
-        return int(self.offsets[i * self.n_expert + e]), self.record_bytes[layer]
+        k = i * self.n_expert + e
+        return int(self.offsets[k]), int(self.stored[k]) if self.stored is not None else self.record_bytes[layer]
+
+    def decode(self, layer: int, e: int, raw: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+        """A record as read → its gate+up+down bytes (a zstd frame is decompressed and its checksum checked)."""
+        if self.compression is None:
+            return raw
+        want = self.record_bytes[layer]
+        try:
+            data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=want)
+        except zstandard.ZstdError as exc:
+            raise K2ConvError(f"{self.path}: record {record_name(layer, e)} is damaged ({exc}); "
+                              "`k2conv verify --integrity` checks the whole file") from None
+        if len(data) != want:
+            raise K2ConvError(f"{self.path}: record {record_name(layer, e)} decompresses to {len(data)} B, "
+                              f"expected {want}")
+        return data
 
     def parts(self, layer: int) -> list[dict]:
         """proj, GGUF name, type, ne (of the merged tensor), offset and size inside the record."""
@@ -453,20 +738,98 @@ def is_relayout(path: Path) -> bool:
 
 
 def read_layout(reader: GGUFReader, path: Path) -> Layout:
-    """The layout metadata of an opened relayout file."""
+    """The layout metadata of an opened relayout file, checked against the file before anything trusts it.
+
+    The file may be damaged or hostile: every count, offset and name the records, the index and a
+    restore rely on is validated here, so later code indexes and reads only what exists.
+    """
+    try:
+        layout = _parse_layout(reader, path)
+        _check_layout(layout, reader, path)
+    except K2ConvError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
+        raise K2ConvError(f"{path}: corrupt relayout metadata ({exc.__class__.__name__}: {exc})") from None
+    return layout
+
+
+def _parse_layout(reader: GGUFReader, path: Path) -> Layout:
     f = reader.fields
     version = f[KEY_VERSION].contents()
-    if version != LAYOUT_VERSION:
-        raise K2ConvError(f"{path}: relayout version {version}, this k2conv reads {LAYOUT_VERSION}")
+    if version not in READ_VERSIONS:
+        raise K2ConvError(f"{path}: relayout version {version}, this k2conv reads {', '.join(map(str, READ_VERSIONS))}")
     layers = [int(x) for x in f[KEY_LAYERS].contents()] if f[KEY_LAYERS].data else []
     sizes = [int(x) for x in f[KEY_RECORD_BYTES].contents()] if f[KEY_RECORD_BYTES].data else []
     offsets = np.array(f[KEY_OFFSETS].contents() if f[KEY_OFFSETS].data else [], dtype=np.uint64)
-    return Layout(path, int(f[KEY_N_EXPERT].contents()), layers, dict(zip(layers, sizes)), offsets,
-                  json.loads(f[KEY_INDEX].contents()))
+    compression, stored = None, None
+    if version == LAYOUT_VERSION_ZSTD:
+        if KEY_COMPRESSION not in f or KEY_STORED not in f or f[KEY_COMPRESSION].contents() != "zstd":
+            raise K2ConvError(f"{path}: relayout version 2 without zstd {KEY_COMPRESSION} and {KEY_STORED}")
+        compression = "zstd"
+        stored = np.array(f[KEY_STORED].contents() if f[KEY_STORED].data else [], dtype=np.uint64)
+        if len(stored) != len(offsets):
+            raise K2ConvError(f"{path}: {KEY_STORED} has {len(stored)} entries for {len(offsets)} records")
+    if len(sizes) != len(layers) or len(set(layers)) != len(layers):
+        raise K2ConvError(f"{path}: {len(sizes)} record sizes for {len(layers)} layers (or a layer listed twice)")
+    index = json.loads(f[KEY_INDEX].contents())
+    if not isinstance(index, dict):
+        raise ValueError("the index is not a JSON object")
+    return Layout(path, int(f[KEY_N_EXPERT].contents()), layers, dict(zip(layers, sizes)), offsets, index,
+                  compression, stored)
+
+
+def _is_int(x: object, lo: int = 0, hi: int = 1 << 62) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def _check_layout(lay: Layout, reader: GGUFReader, path: Path) -> None:
+    """Raise K2ConvError unless every record, part and restore instruction lies inside this file."""
+    size = path.stat().st_size
+    names = {t.name for t in reader.tensors}
+    if not 0 < lay.n_expert <= 1 << 16 or len(lay.offsets) != len(lay.layers) * lay.n_expert:
+        raise K2ConvError(f"{path}: {len(lay.offsets)} record offsets for {len(lay.layers)} layers × {lay.n_expert} experts")
+    for layer in lay.layers:
+        rec = lay.record_bytes[layer]
+        spec = lay.index["layers"][str(layer)]
+        parts = spec["parts"]
+        if not isinstance(parts, list) or sorted(p["proj"] for p in parts) != sorted(PROJS):
+            raise K2ConvError(f"{path}: layer {layer}: record parts are not gate, up and down")
+        for part in parts:
+            ne = part["ne"]
+            if not (isinstance(part["name"], str) and isinstance(ne, list) and len(ne) == 3
+                    and all(_is_int(n, 1) for n in ne) and ne[2] == lay.n_expert
+                    and _is_int(part["offset"]) and _is_int(part["nbytes"])
+                    and part["offset"] + part["nbytes"] <= rec):  # fmt: skip
+                raise K2ConvError(f"{path}: layer {layer}: part {part['proj']} lies outside its record")
+            GGMLQuantizationType(part["type"])
+        for e in range(lay.n_expert):
+            offset, stored = lay.record(layer, e)
+            if offset + stored > size or (lay.stored is None and stored != rec):
+                raise K2ConvError(f"{path}: record {record_name(layer, e)} ({offset}+{stored}) lies outside the file")
+    originals = {t[0]: t[2] for spec in lay.index["files"] for t in spec["tensors"]}
+    for layer in lay.layers:
+        for part in lay.parts(layer):
+            if originals.get(part["name"]) != part["nbytes"] * lay.n_expert:
+                raise K2ConvError(f"{path}: layer {layer}: {part['name']} is not an original tensor of that size")
+    for spec in lay.index["files"]:
+        total = 0
+        for name in [spec["header"], *([spec["gap_blob"]] if spec["gap_blob"] else [])]:
+            if name not in names:
+                raise K2ConvError(f"{path}: restore needs tensor {name}, which the file lacks")
+        for name, off, n in spec["tensors"]:
+            if not (isinstance(name, str) and _is_int(off) and _is_int(n)) or off + n > spec["size"]:
+                raise K2ConvError(f"{path}: original tensor {name} lies outside its file")
+            total += n
+        for pos, n, blob_at in spec["gaps"]:
+            if not (_is_int(pos) and _is_int(n) and _is_int(blob_at, -1)) or pos + n > spec["size"]:
+                raise K2ConvError(f"{path}: a stored gap lies outside its file")
+        # an original holds its tensors, its header and alignment padding: never vastly more than this file
+        if not _is_int(spec["size"]) or spec["size"] > total + size + (len(spec["tensors"]) + 1) * (1 << 21):
+            raise K2ConvError(f"{path}: original file size {spec['size']} is not plausible")
 
 
 def open_layout(path: Path) -> tuple[GGUFReader, Layout]:
-    reader = GGUFReader(path, "r")
+    reader = open_gguf_reader(path)
     if KEY_VERSION not in reader.fields:
         raise K2ConvError(f"{path}: not a relayout file")
     return reader, read_layout(reader, path)
@@ -481,43 +844,53 @@ def restore_paths(out: Path, count: int) -> list[Path]:
 
 
 def restore(inp: Path, out: Path) -> list[Path]:
-    """Rewrite the original llama.cpp-layout file(s) of relayout file `inp`, byte-identical."""
+    """Rewrite the original llama.cpp-layout file(s) of relayout file `inp`, byte-identical.
+
+    Headers, gaps and other tensors are copied file by file; then the records are read once each, in
+    file order (one read, one decompression if compressed), and their three parts written into the
+    expert slices of whichever original file held that `_exps` tensor.
+    """
     inp, out = Path(inp), Path(out)
     reader, lay = open_layout(inp)
     tensors = {t.name: t for t in reader.tensors}
-    exps = {p["name"]: (int(layer), p) for layer in lay.index["layers"] for p in lay.index["layers"][layer]["parts"]}
+    exps = {p["name"] for layer in lay.index["layers"] for p in lay.index["layers"][layer]["parts"]}
     paths = restore_paths(out, len(lay.index["files"]))
+    where: dict[str, tuple[int, int]] = {}  # original _exps tensor → (output fd, its offset there)
     fd_in = os.open(inp, os.O_RDONLY)
+    fds: list[int] = []
     try:
         for path, spec in zip(paths, lay.index["files"]):
-            temp = temp_path(path)
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.ftruncate(fd, spec["size"])  # zero gaps come for free
-                h = tensors[spec["header"]]
-                for at in range(0, h.n_bytes, CHUNK):
-                    _pwrite_all(fd, _pread_all(fd_in, min(CHUNK, h.n_bytes - at), h.data_offset + at), at)
-                if spec["gap_blob"]:
-                    g = tensors[spec["gap_blob"]]
-                    for pos, n, blob_at in spec["gaps"]:
-                        if blob_at >= 0:
-                            _pwrite_all(fd, _pread_all(fd_in, n, g.data_offset + blob_at), pos)
-                for name, off, n in spec["tensors"]:
-                    if name in exps:
-                        layer, part = exps[name]
-                        per = part["nbytes"]
-                        for e in range(lay.n_expert):  # expert slices, batched into large writes
-                            rec, _ = lay.record(layer, e)
-                            _pwrite_all(fd, _pread_all(fd_in, per, rec + part["offset"]), off + e * per)
-                    else:
-                        t = tensors[name]
-                        for at in range(0, n, CHUNK):
-                            _pwrite_all(fd, _pread_all(fd_in, min(CHUNK, n - at), t.data_offset + at), off + at)
-            finally:
-                os.close(fd)
-            commit(temp, path)
+            fd = os.open(temp_path(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(fd)
+            os.ftruncate(fd, spec["size"])  # zero gaps come for free
+            h = tensors[spec["header"]]
+            for at in range(0, h.n_bytes, CHUNK):
+                _pwrite_all(fd, _pread_all(fd_in, min(CHUNK, h.n_bytes - at), h.data_offset + at), at)
+            if spec["gap_blob"]:
+                g = tensors[spec["gap_blob"]]
+                for pos, n, blob_at in spec["gaps"]:
+                    if blob_at >= 0:
+                        _pwrite_all(fd, _pread_all(fd_in, n, g.data_offset + blob_at), pos)
+            for name, off, n in spec["tensors"]:
+                if name in exps:
+                    where[name] = (fd, off)
+                    continue
+                t = tensors[name]
+                for at in range(0, n, CHUNK):
+                    _pwrite_all(fd, _pread_all(fd_in, min(CHUNK, n - at), t.data_offset + at), off + at)
+        slots = sorted((lay.record(layer, e)[0], layer, e) for layer in lay.layers for e in range(lay.n_expert))
+        for _, layer, e in slots:
+            offset, size = lay.record(layer, e)
+            rec = memoryview(lay.decode(layer, e, _pread_all(fd_in, size, offset)))
+            for part in lay.parts(layer):
+                fd, off = where[part["name"]]
+                _pwrite_all(fd, rec[part["offset"] : part["offset"] + part["nbytes"]], off + e * part["nbytes"])
     finally:
         os.close(fd_in)
+        for fd in fds:
+            os.close(fd)
+    for path in paths:
+        commit(temp_path(path), path)
     return paths
 
 

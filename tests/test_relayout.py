@@ -1,7 +1,9 @@
-"""`k2conv relayout`: expert-major records, exact restore, native reading by the runner, resume after a kill.
+"""`k2conv relayout`: expert-major records, exact restore, native reading by the runner, resume after a kill,
+per-tensor CRC-32C checksums, zstd-compressed records.
 
 The restore must give back the input byte for byte (sha256) whoever wrote it: our single and split
-files at two recipes, and a deepseek2 GGUF written by llama.cpp's own `llama_model_quantize`.
+files at two recipes, and a deepseek2 GGUF written by llama.cpp's own `llama_model_quantize`. Checksums
+are compared with PyPI's `crc32c` (not ours) and with the input's own stored values for unchanged tensors.
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ import sys
 import textwrap
 from pathlib import Path
 
+import crc32c as pypi_crc32c
 import numpy as np
 import pytest
 import torch
+import zstandard
 from gguf import GGUFReader
 
+from k2conv.convert.integrity import stored_checksums, verify_integrity
+from k2conv.errors import K2ConvError
 from k2conv.infer.model import KimiModel
 from k2conv.infer.weights import GGUFSource, RelayoutSource, open_weights
 from k2conv.layouts.relayout import (
     KEY_VERSION,
     is_relayout,
     open_layout,
+    parse_compression,
     record_name,
     relayout,
     restore,
@@ -188,4 +195,137 @@ def test_killed_relayout_resumes_to_the_identical_file(ggufs, tmp_path: Path) ->
     rep = relayout(inputs, out, 4096)
     assert rep.resumed_units == 31 and rep.written_units > 0
     assert sha(out) == sha(clean)
+    assert verify_integrity([out]).ok  # checksums of kept units come from the journal: still right
     assert not out.with_name("k.gguf.part").exists() and not out.with_name("k.gguf.part.journal").exists()
+
+
+def test_killed_compressed_relayout_resumes_to_the_identical_file(ggufs, tmp_path: Path) -> None:
+    """Resume of a compressed run (record offsets only known as records are written), including a journal
+    whose stored size of unit 20 is wrong: that unit is redone and, its place having moved, every later one."""
+    inputs = ggufs("q4_0-native")
+    compress = "zstd:3"
+    clean = tmp_path / "clean.gguf"
+    relayout(inputs, clean, 4096, compress=compress)
+    out = tmp_path / "k.gguf"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        import k2conv.layouts.relayout as rl
+        def die(i):
+            if i == 40:
+                os.kill(os.getpid(), signal.SIGKILL)
+        rl._after_unit = die
+        rl.relayout([Path(p) for p in {[str(p) for p in inputs]!r}], Path({str(out)!r}), 4096, compress={compress!r})
+    """)
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == -9
+    journal = out.with_name("k.gguf.part.journal")
+    lines = journal.read_text().splitlines()
+    entries = [json.loads(line) for line in lines[1:]]
+    assert [e["u"] for e in entries] == list(range(41)) and all("n" in e for e in entries)
+    # corrupt unit 20's recorded size: its CRC no longer matches, so it is redone and, since its rewritten size
+    # differs from the journaled one, every later unit too (their places would have moved)
+    lines[21] = json.dumps({**entries[20], "n": entries[20]["n"] + 1})
+    journal.write_text("\n".join(lines) + "\n")
+    rep = relayout(inputs, out, 4096, compress=compress)
+    assert rep.resumed_units == 20
+    assert sha(out) == sha(clean)
+    assert verify_integrity([out]).ok
+
+
+@pytest.fixture(scope="module")
+def q8(ggufs) -> Path:
+    (src,) = ggufs("q8_0")
+    return src
+
+
+def _flip(src: Path, dst: Path, at: int) -> None:
+    data = bytearray(src.read_bytes())
+    data[at] ^= 0x10
+    dst.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("compress", [None, "zstd:1"])
+def test_checksums_verify_and_a_flipped_bit_is_named(q8: Path, tmp_path: Path, compress: str | None) -> None:
+    out = tmp_path / "r.gguf"
+    relayout([q8], out, 4096, compress=compress)
+    assert verify_integrity([out]).ok
+    mine, theirs = stored_checksums(out), stored_checksums(q8)
+    assert theirs and mine  # the input had k2conv checksums, and they were replaced, not copied
+    reader = GGUFReader(out)
+    assert sum(1 for k in reader.fields if k.startswith("k2conv.checksum.")) == 3
+    tensors = {t.name: t for t in reader.tensors}
+    for name, crc in theirs.items():  # unchanged tensors keep the input's own checksum
+        if "_exps" not in name:
+            assert mine[name] == crc, name
+    for name in ("blk.1.exp.0", "blk.2.exp.7", "k2conv.orig.0.header"):  # independent CRC-32C (PyPI crc32c)
+        assert mine[name] == pypi_crc32c.crc32c(np.asarray(tensors[name].data).tobytes()), name
+    record = tensors["blk.2.exp.3"]
+    if compress:
+        assert int(record.n_bytes) < reader.fields["k2conv.layout.record_bytes"].contents()[1]
+    targets = {
+        "blk.2.exp.3": int(record.data_offset) + int(record.n_bytes) // 2,
+        "output_norm.weight": int(tensors["output_norm.weight"].data_offset) + 3,
+        "k2conv.orig.0.header": int(tensors["k2conv.orig.0.header"].data_offset) + 100,
+        "header": 40,  # inside the KV section
+    }
+    for name, at in targets.items():
+        bad = tmp_path / f"bad-{name}.gguf"
+        _flip(out, bad, at)
+        rep = verify_integrity([bad])
+        assert rep.exit_code == 1, name
+        (check,) = rep.files
+        assert len(check.problems) == 1 and (f"tensor {name}:" if name != "header" else "header (") in check.problems[0]
+
+
+def test_compressed_restores_byte_identical_and_runs_identically(ggufs, tmp_path: Path) -> None:
+    inputs = ggufs("Q4_K_M", "--split-max-size", "3M")
+    plain, packed = tmp_path / "plain.gguf", tmp_path / "zstd.gguf"
+    relayout(inputs, plain, 4096)
+    rep = relayout(inputs, packed, 4096, compress="zstd:19")
+    assert rep.record_stored < rep.record_raw and packed.stat().st_size == rep.size < plain.stat().st_size
+    reader, lay = open_layout(packed)
+    assert reader.fields[KEY_VERSION].contents() == 2 and lay.compression == "zstd"
+    tensors = {t.name: t for t in reader.tensors}
+    plain_reader, _ = open_layout(plain)
+    plain_tensors = {t.name: t for t in plain_reader.tensors}
+    for layer in lay.layers:  # records aligned; each one zstd frame of exactly the uncompressed record
+        for e in range(lay.n_expert):
+            off, size = lay.record(layer, e)
+            t = tensors[record_name(layer, e)]
+            assert off == t.data_offset and size == t.n_bytes and off % 4096 == 0
+            frame = np.asarray(t.data).tobytes()
+            want = np.asarray(plain_tensors[record_name(layer, e)].data).tobytes()
+            assert zstandard.ZstdDecompressor().decompress(frame) == want
+    back = tmp_path / "back" / "m.gguf"
+    back.parent.mkdir()
+    assert [sha(p) for p in restore(packed, back)] == [sha(p) for p in inputs]
+    torch.set_num_threads(1)
+    ids = torch.tensor([1, 2, 3, 40, 50, 7])
+    want = KimiModel(open_weights(plain))(ids).numpy()
+    src = open_weights(packed)
+    got = KimiModel(src)(ids).numpy()
+    assert np.array_equal(want, got)
+    assert src.stats.expert_reads == 3 * src.record_reads > 0  # still one read per expert
+    # a damaged frame is an error naming the record, never silently wrong weights
+    damaged = tmp_path / "damaged.gguf"
+    t = tensors[record_name(1, 2)]
+    _flip(packed, damaged, int(t.data_offset) + int(t.n_bytes) // 2)
+    with pytest.raises(K2ConvError, match=r"blk\.1\.exp\.2"):
+        RelayoutSource(damaged).record(1, 2)
+
+
+def test_compressed_dry_run_is_an_honest_estimate(q8: Path, tmp_path: Path) -> None:
+    rep = relayout([q8], tmp_path / "r.gguf", 4096, dry_run=True, compress="zstd")
+    assert not list(tmp_path.iterdir())
+    text = "\n".join(rep.lines())
+    assert "ESTIMATE" in text and f"{rep.sampled} of 16 records" in text and rep.sampled == 4
+    real = relayout([q8], tmp_path / "r.gguf", 4096, compress="zstd")
+    assert abs(rep.size - real.size) < 0.2 * real.size  # a sample of 4 records: close, not exact
+
+
+@pytest.mark.parametrize("spec", ["zstd:0", "zstd:23", "zstd:fast", "lz4", "zstd:-1"])
+def test_bad_compression_is_a_clean_error(spec: str) -> None:
+    with pytest.raises(K2ConvError, match="--compress"):
+        parse_compression(spec)
+    assert parse_compression("zstd") is not None and str(parse_compression("ZSTD:19")) == "zstd:19"
+    assert parse_compression(None) is None
