@@ -230,7 +230,12 @@ class DenseFFN:
 
 
 class MoE:
-    """Routed experts fetched on demand plus the always-on shared expert."""
+    """Routed experts fetched on demand plus the always-on shared expert.
+
+    For each chosen expert `expert_fn` is asked for gate, up and down in that order; an expert cache
+    (infer/expert_cache.py) relies on it, counting one access per gate request and serving up/down
+    from the expert it just fetched.
+    """
 
     def __init__(self, src: WeightSource, layer: int, device: torch.device, expert_fn: ExpertFn):
         cfg = src.config
@@ -303,7 +308,8 @@ class KimiModel:
 
     `qa_norm_eps`: eps of the q_a / kv_a RMSNorms; None = the original model's fixed 1e-6, a float
     (the config's rms_norm_eps) to mimic llama.cpp. `expert_fn(layer, e, proj, device)` supplies routed
-    experts (default: straight from the source; an expert cache plugs in here).
+    experts (default: straight from the source; an expert cache plugs in here, see
+    infer/expert_cache.load_model, which also keeps the resident weights within a memory budget).
     """
 
     def __init__(self, src: WeightSource, device: str | torch.device = "cpu", *, qa_norm_eps: float | None = None,

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, ReaderTensor
 
 from k2conv.convert.checkpoint import Checkpoint
 from k2conv.convert.config import ModelConfig
 from k2conv.convert.hf_layout import LogicalWeight, stored_tensors
 from k2conv.convert.naming import expert_of, experts_name, gguf_name
 from k2conv.errors import K2ConvError
+from k2conv.gguf_scan import open_gguf_reader
 from k2conv.infer.dequant import dequantize
 from k2conv.infer.gguf_config import config_from_gguf
 
@@ -49,6 +50,26 @@ class ReadStats:
         self.expert_bytes += nbytes
         use = self.per_layer_expert_use.setdefault(layer, {})
         use[e] = use.get(e, 0) + 1
+
+
+@dataclass(frozen=True)
+class ExpertRecord:
+    """One routed expert's three matrices as raw bytes in one buffer, the unit the expert cache moves.
+
+    `parts[proj]` = (offset in data, nbytes, type, logical (rows, cols)). `reads` is how many file reads
+    it took (GGUF: 3 slices of the merged tensors; relayout: 1 record). `borrowed`: data is a view into a
+    reusable I/O buffer (direct I/O), valid only until the source's next read, so keepers must copy.
+    """
+
+    data: np.ndarray  # uint8, 1-D
+    parts: dict[str, tuple[int, int, GGMLQuantizationType, tuple[int, int]]]
+    reads: int
+    borrowed: bool
+
+
+def _pad64(n: int) -> int:
+    """Part offsets inside a staged record are 64-aligned, so F32/F16 parts can be viewed in place."""
+    return (n + 63) & ~63
 
 
 @dataclass(frozen=True)
@@ -108,7 +129,7 @@ class GGUFSource(WeightSource):
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.readers = [GGUFReader(p, "r") for p in split_paths(self.path)]
+        self.readers = [open_gguf_reader(p) for p in split_paths(self.path)]
         self.tensors = {t.name: t for r in self.readers for t in r.tensors}
         shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in self.tensors.items()}
         self.shapes = shapes
@@ -157,7 +178,8 @@ class GGUFSource(WeightSource):
         rows = raw[ids.cpu().numpy()]  # fancy indexing copies just these rows out of the map
         return dequantize(torch.from_numpy(rows).to(device), qtype)
 
-    def expert_raw(self, layer: int, e: int, proj: str) -> RawExpert:
+    def _experts_tensor(self, layer: int, proj: str, e: int) -> tuple[ReaderTensor, int, int, int]:
+        """The merged `_exps` tensor holding expert `e`'s `proj`, with (n_expert, rows, cols)."""
         name = experts_name(layer, proj)
         t = self.tensors.get(name)
         if t is None:
@@ -165,6 +187,10 @@ class GGUFSource(WeightSource):
         n_expert, rows, cols = self.shapes[name]
         if not 0 <= e < n_expert:
             raise IndexError(f"{name}: expert {e} of {n_expert}")
+        return t, n_expert, rows, cols
+
+    def expert_raw(self, layer: int, e: int, proj: str) -> RawExpert:
+        t, _, rows, cols = self._experts_tensor(layer, proj, e)
         return RawExpert(t.data.view(np.uint8)[e], t.tensor_type, (rows, cols))
 
     def expert(self, layer: int, e: int, proj: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -172,8 +198,61 @@ class GGUFSource(WeightSource):
         self.stats.count_expert(layer, e, raw.data.nbytes)
         return self._load(raw.data, raw.qtype, device)
 
+    # ---- expert records for infer/expert_cache.py, through mmap or O_DIRECT ----
+
+    io = "mmap"
+
+    def set_io(self, mode: str, pin: bool | None = None) -> list[str]:
+        """How expert records are read: `mmap` (copied out of the mapped file) or `direct` (O_DIRECT
+        into reusable aligned buffers, pinned when CUDA is there: infer/direct_io.py). Returns notes
+        (e.g. the filesystem refused O_DIRECT and plain reads are used)."""
+        from k2conv.infer.direct_io import AlignedBuffer, DirectReader
+
+        if mode not in ("mmap", "direct"):
+            raise K2ConvError(f"{self.path}: io mode {mode!r} is not mmap or direct")
+        self.close_io()
+        self.io = mode
+        if mode == "mmap":
+            return []
+        paths = split_paths(self.path) if len(self.readers) > 1 else [self.path]
+        self._direct = {p: DirectReader(p, pin) for p in paths}
+        self._file_of = {t.name: p for r, p in zip(self.readers, paths) for t in r.tensors}
+        self._staging = AlignedBuffer(pin)
+        return [r.note for r in self._direct.values() if r.note]
+
+    def close_io(self) -> None:
+        for r in getattr(self, "_direct", {}).values():
+            r.close()
+        self._direct = {}
+
+    def _read_at(self, name: str, offset: int, size: int) -> np.ndarray:
+        """Bytes of the file holding tensor `name` (direct mode): a view valid until the next read."""
+        return self._direct[self._file_of[name]].read(offset, size)
+
+    def expert_record(self, layer: int, e: int) -> ExpertRecord:
+        """Expert `e` of `layer`: its slices of the three merged `_exps` tensors, three reads."""
+        parts, pieces, at = {}, [], 0
+        for proj in PROJS:
+            t, n_expert, rows, cols = self._experts_tensor(layer, proj, e)
+            per = int(t.n_bytes) // n_expert
+            parts[proj] = (at, per, t.tensor_type, (rows, cols))
+            pieces.append((t, n_expert, per))
+            at = _pad64(at + per)
+        if self.io == "direct":
+            out = self._staging.get(at)
+            for (off, per, _, _), (t, _, _) in zip(parts.values(), pieces):
+                out[off : off + per] = self._read_at(t.name, int(t.data_offset) + e * per, per)
+        else:
+            out = np.empty(at, dtype=np.uint8)
+            for (off, per, _, _), (t, n_expert, _) in zip(parts.values(), pieces):
+                out[off : off + per] = t.data.view(np.uint8).reshape(n_expert, -1)[e]
+        for _, per, _, _ in parts.values():
+            self.stats.count_expert(layer, e, per)
+        return ExpertRecord(out, parts, reads=len(parts), borrowed=self.io == "direct")
+
     def close(self) -> None:
         """Drop the maps; numpy unmaps when the last view (e.g. a RawExpert someone kept) goes."""
+        self.close_io()
         self.readers = []
         self.tensors = {}
 
@@ -186,14 +265,15 @@ class RelayoutSource(GGUFSource):
 
     An expert miss is one pread of the whole record (gate, up and down together); the last record read
     is kept, so the three projections the MoE asks for in a row cost that single read. `record_reads`
-    counts the reads, for the one-read-per-expert claim and bytes-per-token reports.
+    counts the reads, for the one-read-per-expert claim and bytes-per-token reports. In a compressed
+    file (`relayout --compress zstd`) the read fetches the record's zstd frame, decompressed here.
     """
 
     def __init__(self, path: Path | str):
         from k2conv.layouts.relayout import read_layout
 
         self.path = Path(path)
-        reader = GGUFReader(self.path, "r")
+        reader = open_gguf_reader(self.path)
         self.readers = [reader]
         self.layout = read_layout(reader, self.path)
         self.tensors = {t.name: t for t in reader.tensors if not t.name.startswith("k2conv.") and ".exp." not in t.name}
@@ -217,18 +297,46 @@ class RelayoutSource(GGUFSource):
         """The whole record of (layer, e) as uint8, read with one pread unless it is the last one read."""
         if self._last is not None and self._last[0] == (layer, e):
             return self._last[1]
-        offset, size = self.layout.record(layer, e)
+        offset, size = self.layout.record(layer, e)  # size: the bytes stored (a zstd frame if compressed)
+        data = self._read_span(offset, size, (layer, e))
+        if self.layout.compression is not None:  # still one read; the frame's own checksum is checked
+            data = np.frombuffer(self.layout.decode(layer, e, data), dtype=np.uint8)
+        self.record_reads += 1
+        self._last = ((layer, e), data)
+        return data
+
+    def _read_span(self, offset: int, size: int, what: tuple[int, int]) -> np.ndarray:
+        """The io-mode hook: one pread into fresh memory (mmap mode), or one O_DIRECT read into the
+        reusable buffer (direct mode; the view is valid until the next read, like `_last`)."""
+        if self.io == "direct":
+            return self._direct[self.path].read(offset, size)
         buf = bytearray(size)
         view, at = memoryview(buf), offset
         while view:
             n = os.preadv(self._fd, [view], at)
             if n <= 0:
-                raise K2ConvError(f"{self.path}: record ({layer}, {e}) cut short at {at}")
+                raise K2ConvError(f"{self.path}: record {what} cut short at {at}")
             view, at = view[n:], at + n
-        self.record_reads += 1
-        data = np.frombuffer(buf, dtype=np.uint8)
-        self._last = ((layer, e), data)
-        return data
+        return np.frombuffer(buf, dtype=np.uint8)
+
+    def set_io(self, mode: str, pin: bool | None = None) -> list[str]:
+        self._last = None  # a borrowed view must not outlive a mode switch
+        return super().set_io(mode, pin)
+
+    def expert_record(self, layer: int, e: int) -> ExpertRecord:
+        """Expert `e` of `layer`: its whole record, one read (none if it is the record read last)."""
+        parts = {}
+        for proj in PROJS:
+            part = self._parts.get((layer, proj))
+            if part is None:
+                raise K2ConvError(f"{self.path}: no expert records for layer {layer}")
+            cols, rows, _ = part["ne"]
+            parts[proj] = (int(part["offset"]), int(part["nbytes"]), GGMLQuantizationType(part["type"]), (rows, cols))
+        before = self.record_reads
+        data = self.record(layer, e)
+        for _, n, _, _ in parts.values():
+            self.stats.count_expert(layer, e, n)
+        return ExpertRecord(data, parts, reads=self.record_reads - before, borrowed=self.io == "direct")
 
     def expert_raw(self, layer: int, e: int, proj: str) -> RawExpert:
         part = self._parts.get((layer, proj))

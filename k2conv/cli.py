@@ -201,7 +201,10 @@ def split_set(first: Path) -> list[Path]:
 @click.option("--stats", type=click.Path(path_type=Path), default=None, help="Routing statistics JSON for --order hot-first.")
 @click.option("--restore", "do_restore", is_flag=True, help="SRC is a relayout file: write back the original GGUF(s), byte-identical.")
 @click.option("--dry-run", is_flag=True, help="Print the output size and padding; write nothing.")
-def relayout(src: Path, out: Path, align: str, order: str, stats: Path | None, do_restore: bool, dry_run: bool) -> None:
+@click.option("--compress", default=None, metavar="zstd[:LEVEL]",
+              help="Store each record as one zstd frame (LEVEL 1..22, default 3); see docs/layout.md for when it pays.")
+def relayout(src: Path, out: Path, align: str, order: str, stats: Path | None, do_restore: bool, dry_run: bool,
+             compress: str | None) -> None:
     """Rewrite a GGUF so each (layer, expert) is one contiguous, aligned record (and back).
 
     SRC may be the first file of a split set; OUT is one relayout GGUF. A killed run resumes.
@@ -210,11 +213,14 @@ def relayout(src: Path, out: Path, align: str, order: str, stats: Path | None, d
     Examples:
       k2conv relayout kimi-00001-of-00008.gguf kimi-experts.gguf --align 4K
       k2conv relayout kimi-experts.gguf kimi-restored.gguf --restore
+      k2conv relayout kimi-00001-of-00008.gguf kimi-experts-zstd.gguf --compress zstd:3
     """
     from k2conv.layouts.relayout import relayout as run_relayout
     from k2conv.layouts.relayout import restore
 
     if do_restore:
+        if compress is not None:
+            raise K2ConvError("--compress applies when writing a relayout file, not to --restore")
         for path in restore(src, out):
             click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")
         return
@@ -222,7 +228,8 @@ def relayout(src: Path, out: Path, align: str, order: str, stats: Path | None, d
         raise K2ConvError("--order hot-first needs --stats FILE (routing statistics from the runner)")
     align = align.strip()
     binary = align + "i" if align[-1:].upper() in ("K", "M", "G") else align  # alignments are powers of two
-    report = run_relayout(split_set(Path(src)), out, align=parse_size(binary), order=order, stats=stats, dry_run=dry_run)
+    report = run_relayout(split_set(Path(src)), out, align=parse_size(binary), order=order, stats=stats, dry_run=dry_run,
+                          compress=compress)
     for line in report.lines():
         click.echo(line)
 
@@ -238,14 +245,40 @@ def relayout(src: Path, out: Path, align: str, order: str, stats: Path | None, d
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the full report as JSON.")
 @click.option("--max-kld", type=float, default=None, help="Exit 1 when the mean KL divergence exceeds this.")
 @click.option("--min-top1", type=float, default=None, help="Exit 1 when top-1 agreement falls below this (0..1).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="Text prompts instead of the built-in set: one per line, or a .jsonl file of {\"text\": ...}; "
+                   "encoded with the model's own tokenizer (both sides' must agree).")
+@click.option("--baseline", "baseline_path", type=click.Path(path_type=Path), default=None,
+              help="Instead of --reference: compare with a baseline file written by --save-baseline (no reference run).")
+@click.option("--save-baseline", type=click.Path(path_type=Path), default=None,
+              help="Also write the reference's top-64 log-probabilities per position (zstd, ~350-450 bytes each) "
+                   "for later --baseline runs.")
+@click.option("--vram-budget", default=None, metavar="SIZE",
+              help="Device memory (RAM on --device cpu) for resident weights plus the expert cache, e.g. 20G "
+                   "[default: 90% of free VRAM / half of available RAM].")
+@click.option("--cache-policy", type=click.Choice(["lru", "lfu"]), default="lru", show_default=True,
+              help="Expert cache eviction: least recently or least frequently (aged) used.")
+@click.option("--io", "io_mode", type=click.Choice(["mmap", "direct"]), default="mmap", show_default=True,
+              help="Read experts through mmap, or with O_DIRECT into reusable (pinned) buffers for files larger than RAM.")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True,
+              help="Greedy-decode this many tokens after each prompt through the KV cache; those positions are "
+                   "scored too (reference teacher-forced on them) and give the decode tok/s and per-token read "
+                   "figures (0: no decode).")
+@click.option("--save-routing-stats", type=click.Path(path_type=Path), default=None,
+              help="Write the model's per-layer expert use (JSON) for `relayout --order hot-first --stats`.")
 def verify(paths: tuple[Path, ...], integrity: bool, reference: Path | None, device: str, json_out: Path | None,
-           max_kld: float | None, min_top1: float | None) -> None:
+           max_kld: float | None, min_top1: float | None, vram_budget: str | None, cache_policy: str, io_mode: str,
+           max_new_tokens: int, save_routing_stats: Path | None, prompts_file: Path | None,
+           baseline_path: Path | None, save_baseline: Path | None) -> None:
     """Check a converted model against its source with the reference runner: KLD, top-1, perplexity;
     or, with --integrity, check that the files' bytes are still the bytes k2conv wrote.
 
     \b
     Examples:
       k2conv verify kimi-q4_0.gguf --reference ./Kimi-K2.5 --max-kld 0.05 --json report.json
+      k2conv verify kimi-q2_k.gguf --reference ./Kimi-K2.5 --save-baseline k25.baseline
+      k2conv verify kimi-relayout.gguf --baseline k25.baseline --io direct --vram-budget 10G \\
+          --save-routing-stats routing.json
       k2conv verify --integrity kimi-q2_k-00001-of-00009.gguf kimi-relayout.gguf
     """
     import json
@@ -259,21 +292,47 @@ def verify(paths: tuple[Path, ...], integrity: bool, reference: Path | None, dev
 
     from k2conv.infer.verify import run_verify
 
-    if reference is None:
-        raise K2ConvError("--reference is required (the source checkpoint or a GGUF to compare against)")
+    if reference is None and baseline_path is None:
+        raise K2ConvError("--reference or --baseline is required (the source checkpoint, a GGUF, or a saved baseline)")
+    if baseline_path is not None and (reference is not None or save_baseline is not None or prompts_file is not None):
+        raise K2ConvError("--baseline replaces --reference and fixes the prompts: not with --reference, "
+                          "--save-baseline or --prompts")
+    if max_new_tokens < 0:
+        raise K2ConvError(f"--max-new-tokens {max_new_tokens}: must be >= 0")
+    run_options = {"vram_budget": parse_size(vram_budget) if vram_budget else None, "cache_policy": cache_policy,
+                   "io": io_mode, "max_new_tokens": max_new_tokens}  # fmt: skip
     try:
-        report = run_verify(model, reference, device=device)
+        if baseline_path is not None:
+            from k2conv.infer.baseline import run_verify_baseline
+
+            report = run_verify_baseline(model, baseline_path, device=device, **run_options)
+        else:
+            report = run_verify(model, reference, device=device, prompts_file=prompts_file,
+                                save_baseline=save_baseline, score_new_tokens=True, **run_options)  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
         raise K2ConvError(str(exc)) from None
+    routing_stats = report.pop("routing_stats", None)
     rows = [
         ("KL divergence mean / p99 / max", f"{report['kld_mean']:.4g} / {report['kld_p99']:.4g} / {report['kld_max']:.4g}"),
         ("top-1 agreement", f"{100 * report['top1_agreement']:.2f} %"),
         ("perplexity model / reference", f"{report['ppl_model']:.4g} / {report['ppl_ref']:.4g} (ratio {report['ppl_ratio']:.4f})"),
-        ("prompts", str(report["prompts"])),
+        ("prompts", report.get("prompt_source", str(report["prompts"]))),
     ]
+    if "decode" in report:
+        d = report["decode"]
+        rows.insert(2, (f"decoded positions ({max_new_tokens}/prompt)",
+                        f"KLD mean {d['kld_mean']:.4g}, top-1 {100 * d['top1_agreement']:.2f} %"))
+    if "kld_method" in report:
+        rows.insert(1, ("KL divergence from baseline", f"{report['kld_method']} (lower bound "
+                        f"{report['kld_lower_bound']['mean']:.4g}; reference mass outside the top k "
+                        f"{100 * report['baseline_tail_mass']:.1f} %)"))
+    if "baseline" in report:
+        b = report["baseline"]
+        rows.append(("baseline written", f"{b['path']} ({b['bytes']:,} bytes, {b['bytes_per_position']:.0f} / position)"))
     speed = report["speed"]["model"]
     rows.append(("model prefill tok/s", f"{speed['prefill_tok_s']:.1f}"))
     rows.append(("expert bytes read / token", f"{speed['expert_bytes_per_token']:,.0f}"))
+    rows += _speed_rows(speed)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
@@ -281,6 +340,11 @@ def verify(paths: tuple[Path, ...], integrity: bool, reference: Path | None, dev
         from k2conv.atomic import write_bytes_atomic
 
         write_bytes_atomic(json_out, json.dumps(report, indent=2).encode())
+    if save_routing_stats is not None and routing_stats is not None:
+        from k2conv.atomic import write_bytes_atomic
+
+        write_bytes_atomic(save_routing_stats, json.dumps(routing_stats).encode())
+        click.echo(f"wrote routing statistics to {save_routing_stats}")
     failed = []
     if max_kld is not None and report["kld_mean"] > max_kld:
         failed.append(f"mean KLD {report['kld_mean']:.4g} > {max_kld}")
@@ -289,6 +353,24 @@ def verify(paths: tuple[Path, ...], integrity: bool, reference: Path | None, dev
     if failed:
         click.echo("FAILED: " + "; ".join(failed), err=True)
         sys.exit(1)
+
+
+def _speed_rows(speed: dict) -> list[tuple[str, str]]:
+    """verify's decode/cache/memory lines (figures a run did not measure are left out)."""
+
+    def fmt(key: str, spec: str, scale: float = 1.0, unit: str = "") -> str | None:
+        v = speed.get(key)
+        return None if v is None else f"{v * scale:{spec}}{unit}"
+
+    rows = [
+        (f"model decode tok/s ({speed.get('decode_tokens', 0)} tokens)", fmt("decode_tok_s", ".2f")),
+        ("decode bytes read / token", fmt("bytes_read_per_token", ",.0f")),
+        ("decode reads / token", fmt("reads_per_token", ".1f")),
+        (f"expert-cache hit rate ({speed.get('cache_policy')}, decode)", fmt("cache_hit_rate", ".1f", 100, " %")),
+        ("peak VRAM", fmt("peak_vram_bytes", ",.0f", 1, " bytes")),
+        ("peak RSS", fmt("peak_rss_bytes", ",.0f", 1, " bytes")),
+    ]
+    return [(k, v) for k, v in rows if v is not None]
 
 
 def _verify_integrity(paths: list[Path], json_out: Path | None) -> None:
@@ -308,6 +390,39 @@ def _verify_integrity(paths: list[Path], json_out: Path | None) -> None:
                "exit_code": report.exit_code}  # fmt: skip
         write_bytes_atomic(json_out, json.dumps(doc, indent=2).encode())
     sys.exit(report.exit_code)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--text", "text_path", type=click.Path(path_type=Path), required=True,
+              help="Calibration text (UTF-8), tokenized with the model's own tokenizer.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
+              help="Where to write the imatrix: llama.cpp's GGUF format, or the legacy format if it ends in .dat.")
+@click.option("--chunk", type=int, default=512, show_default=True, help="Tokens per chunk (llama-imatrix's context size).")
+@click.option("--chunks", "max_chunks", type=int, default=None, help="Use at most this many chunks.")
+@click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def imatrix(model: Path, text_path: Path, out: Path, chunk: int, max_chunks: int | None, process_output: bool,
+            device: str) -> None:
+    """Compute an importance matrix with the reference runner, for `quantize --imatrix`.
+
+    \b
+    Per weight matrix: Σx² of the activations entering it and their count, per expert for merged
+    experts (only the tokens routed to each), as llama-imatrix computes it.
+
+    \b
+    Example:
+      k2conv imatrix ./Kimi-K2.5 --text calibration.txt -o kimi.imatrix.gguf --chunk 512
+    """
+    from k2conv.infer.imatrix_collect import collect_imatrix
+    from k2conv.quant.imatrix import write_imatrix_dat, write_imatrix_gguf
+
+    if max_chunks is not None and max_chunks < 1:
+        raise K2ConvError("--chunks must be at least 1")
+    im = collect_imatrix(model, text_path, chunk=chunk, max_chunks=max_chunks, device=device,
+                         process_output=process_output, progress=lambda s: click.echo(s, err=True))  # fmt: skip
+    (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(out, im)
+    click.echo(f"wrote {out}: {len(im.entries)} entries, {im.chunk_count} chunks of {im.chunk_size} tokens")
 
 
 @main.command()

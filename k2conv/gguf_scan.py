@@ -293,11 +293,11 @@ def scan_file(path: Path, *, kind: str = "GGUF") -> GGUFLayout:
     return scan_gguf(map_file(Path(path)), str(path), kind=kind)
 
 
-def open_gguf_reader(path: Path) -> GGUFReader:
+def open_gguf_reader(path: Path, mode: str = "r") -> GGUFReader:
     """gguf.GGUFReader on a file that passed `scan_gguf`: hostile files fail as one K2ConvError line."""
     layout = scan_file(Path(path))
     layout.buf.close()  # type: ignore[attr-defined]
     try:
-        return GGUFReader(path)
+        return GGUFReader(path, mode)  # type: ignore[arg-type]
     except Exception as exc:  # the scan should leave nothing, but GGUFReader is not ours
         raise K2ConvError(f"{path}: unreadable GGUF: {exc.__class__.__name__}: {exc}".splitlines()[0]) from None

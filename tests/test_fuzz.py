@@ -369,3 +369,63 @@ def test_fuzz_journal(tmp_path: Path, ops: list[tuple[str, int, int]]) -> None:
         os.truncate(path, journal.valid_bytes)
         again = load_journal(path)
         assert again is not None and again.finished == journal.finished
+
+
+def test_control_characters_in_names_stay_on_one_line(tmp_path: Path) -> None:
+    """A tensor named with a newline or an escape sequence must not split or colour the one-line error."""
+    header = json.dumps({"a\n\x1b[31mb": {"dtype": "F32", "shape": [2], "data_offsets": [0, 99]}}).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    with pytest.raises(K2ConvError) as exc:
+        SafetensorsFile(path)
+    msg = str(exc.value)
+    assert "\n" not in msg and "\x1b" not in msg and "a\\n\\x1b[31mb" in msg, msg
+
+
+# ---- relayout files ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def relayout_seed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A small relayout file: two layers of three Q4_0 experts (gate, up, down) plus a norm, records aligned to 256."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    from k2conv.layouts.relayout import relayout
+
+    d = tmp_path_factory.mktemp("relayout-seed")
+    rng = np.random.default_rng(0)
+    w = GGUFWriter(d / "in.gguf", "deepseek2")
+    w.add_block_count(2)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(32, np.float32))
+    for layer in (0, 1):
+        for proj, (rows, cols) in (("gate", (4, 32)), ("up", (4, 32)), ("down", (32, 32))):
+            raw = rng.integers(0, 256, (3, rows, cols // 32 * 18), dtype=np.uint8)
+            w.add_tensor(f"blk.{layer}.ffn_{proj}_exps.weight", raw, raw_dtype=GGMLQuantizationType.Q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    relayout([d / "in.gguf"], d / "rl.gguf", 256)
+    return (d / "rl.gguf").read_bytes()
+
+
+@fuzz(400)
+@given(ops=mutations(1 << 13))
+def test_fuzz_relayout_reader(tmp_path: Path, relayout_seed: bytes, ops: list[tuple[str, int, int]]) -> None:
+    """Every mutant of a relayout file: verify flags it, and reading its layout, every record and a
+    restore either work or fail as one K2ConvError line (no hang, no allocation beyond the file)."""
+    from k2conv.layouts.relayout import read_layout, restore
+
+    data = mutate(relayout_seed, ops)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(data)
+    assert verify_integrity([path], threads=1).exit_code == (0 if data == relayout_seed else 1) or data != relayout_seed
+    out = tmp_path / "back.gguf"
+    with bounded(path):
+        try:
+            layout = read_layout(open_gguf_reader(path), path)
+            for layer in layout.layers:
+                for e in range(layout.n_expert):
+                    offset, size = layout.record(layer, e)
+                    assert 0 <= offset and offset + size <= len(data), (layer, e, offset, size)
+            restore(path, out)
+        except K2ConvError as exc:
+            clean_error(exc)
