@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from k2conv.convert.config import ModelConfig, load_config
-from k2conv.convert.dtypes import bf16_bits_to_f32, e4m3_bits_to_f32
+from k2conv.convert.dtypes import bf16_bits_to_f32, bf16_bits_to_f32_checked, e4m3_bits_to_f32
 from k2conv.convert.hf_layout import FP8, INT4, PLAIN, LogicalWeight, logical_weights, stored_tensors
 from k2conv.convert.safetensors_reader import SafetensorsFile
 from k2conv.errors import K2ConvError
@@ -158,10 +158,15 @@ class Checkpoint:
 
         rows = rows or slice(0, w.shape[0])
         base = self.config.tensor_prefix + w.module
+        finite: bool | None = None  # known already when the decoder checked it in its own pass
         if w.storage == PLAIN:
             name = f"{base}.{w.suffix}"
             raw = self.raw(name)
-            out = to_f32(raw[rows] if raw.ndim > 1 else raw, self.entry(name).dtype)
+            part = raw[rows] if raw.ndim > 1 else raw
+            if self.entry(name).dtype == "BF16":
+                out, finite = bf16_bits_to_f32_checked(part)
+            else:
+                out = to_f32(part, self.entry(name).dtype)
         elif w.storage == INT4:
             parts = self.int4_parts(w)
             name = f"{base}.weight_scale"
@@ -184,7 +189,7 @@ class Checkpoint:
             out = dequant_fp8_block(bits, sinv, (br, bc))
         else:  # pragma: no cover - hf_layout only produces the three kinds
             raise AssertionError(w.storage)
-        if w.storage != INT4 and not np.all(np.isfinite(out)):
+        if w.storage != INT4 and not (finite if finite is not None else np.all(np.isfinite(out))):
             raise K2ConvError(f"{self.where(name)}: contains NaN or Inf")
         return np.ascontiguousarray(out, dtype=np.float32)
 

@@ -200,3 +200,16 @@ def test_fp8_block_quantize_round_trip():
     block_max = np.repeat(np.repeat(scale * E4M3_MAX, 128, 0), 128, 1)[:320, :300]
     assert np.all(err <= np.abs(w) * 2.0**-4 + block_max * 2.0**-10)
     assert ((bits & 0x7F) == 0x7E).sum() >= 8  # each non-zero block's largest value maps to ±448
+
+
+def test_bf16_widening_reports_non_finite_in_the_same_pass() -> None:
+    """The checked widening equals numpy's shift and flags exactly the Inf/NaN patterns (exponent all ones)."""
+    from k2conv.convert.dtypes import bf16_bits_to_f32_checked
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    out, finite = bf16_bits_to_f32_checked(bits)
+    assert np.array_equal(out.view(np.uint32), bits.astype(np.uint32) << 16) and not finite
+    ok = bits[(bits & 0x7F80) != 0x7F80]
+    assert bf16_bits_to_f32_checked(ok)[1]
+    for bad in (0x7F80, 0xFF80, 0x7FC0, 0x7F81):  # +Inf, -Inf, NaN, signalling NaN
+        assert not bf16_bits_to_f32_checked(np.array([1, bad, 2], dtype=np.uint16))[1]

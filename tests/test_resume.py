@@ -93,7 +93,9 @@ class _nullcontext:
         return False
 
 
-def test_sigint_stops_quickly_and_resumes(synth_ckpt, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_quickly_and_resumes(synth_ckpt, tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C or SIGTERM (a reboot, a job scheduler): out within 2 s, one line saying how to resume."""
     src = synth_ckpt("k2-instruct")
     ref = tmp_path / "ref.gguf"
     assert subprocess.run([*K2CONV, "quantize", str(src), str(ref), "--recipe", "f32", "--quiet", "--workers", "1"]).returncode == 0
@@ -106,7 +108,7 @@ def test_sigint_stops_quickly_and_resumes(synth_ckpt, tmp_path: Path) -> None:
     while not (journal.exists() and journal.read_text().count("\n") >= 4) and time.time() < deadline:
         time.sleep(0.02)
     t0 = time.perf_counter()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     code = proc.wait()
     assert time.perf_counter() - t0 < 2.0
     err = proc.stderr.read()
