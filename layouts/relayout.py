@@ -15,8 +15,10 @@ With `compress="zstd[:LEVEL]"` each record is stored as one zstd frame (layout v
 tensors stay raw), so a miss is still one read, followed by one decompression.
 
 Writing streams: units (one tensor, or one record) are written in file order, each one after the
-aligned end of the previous, into `<out>.part`; a journal of finished units (CRC-32C and stored size
-each) makes a killed run resume. The same CRC-32C values, computed as the bytes are written, become
+aligned end of the previous, into `<out>.part` (raw ones gathered into a reused buffer and written a batch
+at a time by a writer thread, overlapping the reads of the next batch); a journal of finished units
+(CRC-32C and stored size each, appended once the write holding the unit has returned) makes a killed
+run resume. The same CRC-32C values, computed as the bytes are written, become
 the file's per-tensor checksums (convert/integrity.py: `k2conv verify --integrity` rechecks them);
 the header's fixed-width slots for them, and for the record offsets a compressed run only learns as it
 goes, are filled in last, then the file is fsynced and renamed.
@@ -453,6 +455,129 @@ def _unit_chunks(u: Unit, fds: list[int]) -> Iterator[bytes]:
             yield _pread_all(fds[s.file], min(CHUNK, s.nbytes - at), s.offset + at)
 
 
+def _read_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill `view` from fd at offset (no intermediate bytes objects: the page cache copies straight in)."""
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if not n:
+            raise K2ConvError(f"unexpected end of file at {offset}")
+        view, offset = view[n:], offset + n
+
+
+def _start_writeback(fd: int, offset: int, n: int) -> None:
+    """Ask the kernel to write [offset, offset+n) to disk now (Linux: POSIX_FADV_DONTNEED starts writeback
+    of the dirty pages), so the disk works while later batches are copied and the final fsync has little
+    left to do; the clean pages it drops also keep the output from crowding the inputs out of the cache."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+
+
+class _Batcher:
+    """Writes raw units through two reused buffers of CHUNK/2: consecutive units are read into one at their
+    aligned places (padding zeroed) and checksummed there, while a writer thread writes the other with one
+    pwrite; a unit is journaled only once the write that holds it has returned.
+
+    Why: a fresh `bytes` per read, a join per record and a write per unit cost as much as the copy
+    itself, and reading, writing and the disk's writeback done one after the other add up; preadv into
+    a reused buffer, one large write and writeback started per batch overlap them (all release the GIL).
+    A unit larger than a buffer streams through the buffers in pieces, journaled after its last one.
+    """
+
+    def __init__(self, fd: int, fds: list[int], align: int, done: Callable[[int, int, int], None]) -> None:
+        self.fd, self.fds, self.align, self.done = fd, fds, align, done
+        self.bufs = [memoryview(bytearray(CHUNK // 2)) for _ in range(2)]
+        self.cur = 0
+        self.start = self.used = 0
+        self.pending: list[tuple[int, int, int]] = []  # (unit, CRC-32C, bytes) of the current buffer
+        self.inflight: list[tuple[Future, list[tuple[int, int, int]]] | None] = [None, None]
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="k2conv-write")
+
+    def _fill(self, u: Unit, view: memoryview) -> None:
+        if u.blob is not None:
+            view[:] = u.blob
+            return
+        at = 0
+        for s in u.sources:
+            _read_into(self.fds[s.file], view[at : at + s.nbytes], s.offset)
+            at += s.nbytes
+
+    def add(self, i: int, u: Unit, pos: int) -> None:
+        """Unit i goes to `pos`: gathered now, written (and journaled) by this or a later flush."""
+        n = u.nbytes
+        end = pad(n, self.align)
+        size = len(self.bufs[0])
+        if self.used and (pos != self.start + self.used or self.used + end > size):
+            self.flush()
+        if end > size:
+            self._large(i, u, pos)
+            return
+        if not self.used:
+            self.start = pos
+        view = self.bufs[self.cur][self.used : self.used + n]
+        self._fill(u, view)
+        self.bufs[self.cur][self.used + n : self.used + end] = bytes(end - n)  # a resumed file may hold old bytes
+        self.pending.append((i, crc32c(view), n))
+        self.used += end
+        if _TEST_DELAY:  # slowed for the kill tests: one unit per write, so kills land between journaled units
+            self.flush()
+
+    def _large(self, i: int, u: Unit, pos: int) -> None:
+        size = len(self.bufs[0])
+        pieces: list[Src | None] = [None] if u.blob is not None else list(u.sources)  # None: the blob
+        crc, at, left = 0, pos, u.nbytes
+        for src in pieces:
+            nbytes = src.nbytes if src is not None else u.nbytes
+            for k in range(0, nbytes, size):
+                m = min(size, nbytes - k)
+                view = self.bufs[self.cur][:m]
+                if src is not None:
+                    _read_into(self.fds[src.file], view, src.offset + k)
+                else:
+                    view[:] = memoryview(u.blob)[k : k + m]  # type: ignore[arg-type]
+                crc = crc32c(view, crc)
+                left -= m
+                self.start, self.used = at, m
+                if not left:  # its padding is written before the unit can be journaled
+                    if pad(u.nbytes, self.align) > u.nbytes:
+                        _pwrite_all(self.fd, bytes(pad(u.nbytes, self.align) - u.nbytes), at + m)
+                    self.pending = [(i, crc, u.nbytes)]
+                self.flush()
+                at += m
+
+    def _write(self, view: memoryview, offset: int) -> None:
+        _pwrite_all(self.fd, view, offset)
+        _start_writeback(self.fd, offset, len(view))
+
+    def _take(self, k: int) -> None:
+        """Wait for buffer k's write, then journal its units."""
+        job, self.inflight[k] = self.inflight[k], None
+        if job is not None:
+            fut, units = job
+            fut.result()
+            _pause(0.5)
+            for i, crc, n in units:
+                self.done(i, crc, n)
+
+    def flush(self) -> None:
+        """Hand the gathered units to the writer; journal what the other buffer held once it is written."""
+        if not self.used:
+            return
+        _pause(0.5)
+        self.inflight[self.cur] = (self.pool.submit(self._write, self.bufs[self.cur][: self.used], self.start),
+                                   self.pending)
+        self.pending, self.used = [], 0
+        self.cur ^= 1
+        self._take(self.cur)
+
+    def drain(self) -> None:
+        """Everything gathered written and journaled."""
+        self.flush()
+        self._take(self.cur ^ 1)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 def _crc_at(fd: int, offset: int, n: int) -> int | None:
     """CRC-32C of n bytes of the temporary file at offset; None if the file ends first."""
     crc = 0
@@ -620,48 +745,57 @@ def relayout(inputs: list[Path], out: Path, align: int = DEFAULT_ALIGN, order: s
             known = {}
         comp = _Compressor(units, [i for i in range(plan.first_record, len(units)) if i not in known], fds,
                            compression) if compression is not None else None
+        batch: _Batcher | None = None
         try:
             _pause()
             head = plan.serialize()[0]  # placeholders until every offset and checksum is known
             _pwrite_all(fd, bytes(head) + bytes(plan.data_start - len(head)), 0)
             _pause()
             crcs = [0] * len(units)
+
+            def finished(i: int, crc: int, stored: int) -> None:  # unit i's bytes are in the file: journal it
+                journal.record_stored(i, crc, stored)
+                crcs[i] = crc
+                report.written_units += 1
+                if _after_unit is not None:
+                    _after_unit(i)
+
+            batch = _Batcher(fd, fds, align, finished)
             pos, reusable = plan.data_start, True
             for i, u in enumerate(units):
                 u.offset = pos
                 if reusable and i in known and _crc_at(fd, pos, known[i][1]) == known[i][0]:
                     crcs[i], u.stored = known[i]
                     report.resumed_units += 1
-                else:
+                elif comp is not None and u.record:  # its CRC was computed beside the compression
+                    batch.drain()
                     _pause(0.5)
-                    crc, at = 0, pos
-                    if comp is not None and u.record:  # its CRC was computed beside the compression
-                        pieces, crc, _ = comp.get(i)
-                        for piece in pieces:
-                            _pwrite_all(fd, piece, at)
-                            at += len(piece)
-                    else:
-                        for piece in _unit_chunks(u, fds):
-                            _pwrite_all(fd, piece, at)
-                            crc = crc32c(piece, crc)
-                            at += len(piece)
+                    pieces, crc, _ = comp.get(i)
+                    at = pos
+                    for piece in pieces:
+                        _pwrite_all(fd, piece, at)
+                        at += len(piece)
                     u.stored = at - pos
                     if resume and pad(u.stored, align) > u.stored:  # a resumed file may hold old bytes there
                         _pwrite_all(fd, bytes(pad(u.stored, align) - u.stored), at)
                     if i in known and known[i][1] != u.stored:
                         reusable = False  # every later unit moved: none of them can be reused
                     _pause(0.5)
-                    journal.record_stored(i, crc, u.stored)
-                    crcs[i] = crc
-                    report.written_units += 1
-                    if _after_unit is not None:
-                        _after_unit(i)
+                    finished(i, crc, u.stored)
+                else:
+                    u.stored = u.nbytes
+                    if i in known and known[i][1] != u.stored:
+                        reusable = False
+                    batch.add(i, u, pos)
                 pos = u.offset + pad(u.stored, align)
+            batch.drain()
             os.ftruncate(fd, pos)  # the last unit's padding too, as llama.cpp expects; drops stale bytes
             _pwrite_all(fd, plan.header(crcs), 0)
             os.fsync(fd)
             journal.mark_done()
         finally:
+            if batch is not None:
+                batch.close()  # before the fd closes: a write may still be in flight
             if comp is not None:
                 comp.close()
             os.close(fd)

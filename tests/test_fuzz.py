@@ -425,7 +425,7 @@ def test_fuzz_relayout_reader(tmp_path: Path, relayout_seed: bytes, ops: list[tu
             for layer in layout.layers:
                 for e in range(layout.n_expert):
                     offset, size = layout.record(layer, e)
-                    assert 0 <= offset and offset + size <= len(data), (layer, e, offset, size)
+                    assert offset >= 0 and offset + size <= len(data), (layer, e, offset, size)
             restore(path, out)
         except K2ConvError as exc:
             clean_error(exc)

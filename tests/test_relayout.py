@@ -174,23 +174,27 @@ def test_dry_run_writes_nothing(ggufs, tmp_path: Path) -> None:
     assert real.size == rep.size == (tmp_path / "r.gguf").stat().st_size
 
 
-def test_killed_relayout_resumes_to_the_identical_file(ggufs, tmp_path: Path) -> None:
-    inputs = ggufs("Q4_K_M", "--split-max-size", "3M")
-    clean = tmp_path / "clean.gguf"
-    relayout(inputs, clean, 4096)
-    out = tmp_path / "k.gguf"
+def relayout_killed_after(inputs: list[Path], out: Path, unit: int, compress: str | None = None) -> int:
+    """Run relayout in a child that SIGKILLs itself right after unit `unit` is journaled; its return code."""
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
         import k2conv.layouts.relayout as rl
         def die(i):
-            if i == 30:
+            if i == {unit}:
                 os.kill(os.getpid(), signal.SIGKILL)
         rl._after_unit = die
-        rl.relayout([Path(p) for p in {[str(p) for p in inputs]!r}], Path({str(out)!r}), 4096)
+        rl.relayout([Path(p) for p in {[str(p) for p in inputs]!r}], Path({str(out)!r}), 4096, compress={compress!r})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert proc.returncode == -9
+    return subprocess.run([sys.executable, "-c", script], capture_output=True).returncode
+
+
+def test_killed_relayout_resumes_to_the_identical_file(ggufs, tmp_path: Path) -> None:
+    inputs = ggufs("Q4_K_M", "--split-max-size", "3M")
+    clean = tmp_path / "clean.gguf"
+    relayout(inputs, clean, 4096)
+    out = tmp_path / "k.gguf"
+    assert relayout_killed_after(inputs, out, 30) == -9
     assert not out.exists() and out.with_name("k.gguf.part").exists()
     rep = relayout(inputs, out, 4096)
     assert rep.resumed_units == 31 and rep.written_units > 0
@@ -207,17 +211,7 @@ def test_killed_compressed_relayout_resumes_to_the_identical_file(ggufs, tmp_pat
     clean = tmp_path / "clean.gguf"
     relayout(inputs, clean, 4096, compress=compress)
     out = tmp_path / "k.gguf"
-    script = textwrap.dedent(f"""
-        import os, signal
-        from pathlib import Path
-        import k2conv.layouts.relayout as rl
-        def die(i):
-            if i == 40:
-                os.kill(os.getpid(), signal.SIGKILL)
-        rl._after_unit = die
-        rl.relayout([Path(p) for p in {[str(p) for p in inputs]!r}], Path({str(out)!r}), 4096, compress={compress!r})
-    """)
-    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == -9
+    assert relayout_killed_after(inputs, out, 40, compress) == -9
     journal = out.with_name("k.gguf.part.journal")
     lines = journal.read_text().splitlines()
     entries = [json.loads(line) for line in lines[1:]]
@@ -329,3 +323,34 @@ def test_bad_compression_is_a_clean_error(spec: str) -> None:
         parse_compression(spec)
     assert parse_compression("zstd") is not None and str(parse_compression("ZSTD:19")) == "zstd:19"
     assert parse_compression(None) is None
+
+
+@pytest.mark.parametrize("chunk", [24 << 10, 64 << 10])
+def test_small_batch_buffers_give_the_same_file_and_resume_mid_batch(ggufs, tmp_path: Path, monkeypatch, chunk: int) -> None:
+    """Buffers smaller than a unit (units stream through in pieces) or holding a few units per write:
+    same bytes as the default, and a run stopped after any journaled unit resumes to them."""
+    import k2conv.layouts.relayout as rl
+
+    inputs = ggufs("Q4_K_M")
+    clean = tmp_path / "clean.gguf"
+    relayout(inputs, clean, 4096)
+    monkeypatch.setattr(rl, "CHUNK", chunk)
+    small = tmp_path / "small.gguf"
+    relayout(inputs, small, 4096)
+    assert sha(small) == sha(clean)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(i: int) -> None:
+        if i == 7:
+            raise Stop
+
+    out = tmp_path / "stopped.gguf"
+    monkeypatch.setattr(rl, "_after_unit", stop_after)
+    with pytest.raises(Stop):
+        relayout(inputs, out, 4096)
+    monkeypatch.setattr(rl, "_after_unit", None)
+    rep = relayout(inputs, out, 4096)
+    assert rep.resumed_units >= 8 and sha(out) == sha(clean)
+    assert verify_integrity([out]).ok
