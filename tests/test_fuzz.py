@@ -39,6 +39,7 @@ from k2conv.gguf_scan import open_gguf_reader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_seeds import write_seed
+from mutations import mutate, mutations
 
 TIME_LIMIT_S = 2.0
 _HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -77,35 +78,6 @@ def bounded(path: Path, slack: int = 1 << 20, factor: int = 64) -> Iterator[None
 def clean_error(exc: K2ConvError) -> None:
     msg = str(exc)
     assert msg and "\n" not in msg, repr(msg)
-
-
-# ---- byte-level mutations (the imatrix fuzzer's, over the whole file) ---------------------------------
-BOUNDARY = [0, 1, 7, 8, 255, 1 << 31, (1 << 31) - 1, (1 << 32) - 1, 1 << 40, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
-
-
-def mutations(max_pos: int = 1 << 16) -> st.SearchStrategy[list[tuple[str, int, int]]]:
-    op = st.tuples(st.sampled_from(["flip", "u32", "u64", "cut", "insert", "byte"]), st.integers(0, max_pos),
-                   st.sampled_from(BOUNDARY) | st.integers(0, 255))  # fmt: skip
-    return st.lists(op, min_size=1, max_size=4)
-
-
-def mutate(data: bytes, ops: list[tuple[str, int, int]]) -> bytes:
-    b = bytearray(data)
-    for kind, pos, val in ops:
-        pos %= max(len(b), 1)
-        if kind == "flip" and b:
-            b[pos] ^= 1 << (val % 8)
-        elif kind == "byte" and b:
-            b[pos] = val & 0xFF
-        elif kind == "u32":
-            b[pos : pos + 4] = struct.pack("<I", val & 0xFFFFFFFF)
-        elif kind == "u64":
-            b[pos : pos + 8] = struct.pack("<Q", val & (2**64 - 1))
-        elif kind == "cut":
-            del b[pos:]
-        elif kind == "insert":
-            b[pos:pos] = bytes([val & 0xFF]) * (1 + val % 7)
-    return bytes(b)
 
 
 # ---- hostile JSON values ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -47,6 +48,9 @@ from k2conv.quant.imatrix import (
     write_imatrix_gguf,
 )
 from k2conv.quant.quantize import quantize
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mutations import mutate, mutations
 
 T = GGMLQuantizationType
 ROOT = Path(__file__).resolve().parent.parent
@@ -648,29 +652,6 @@ def test_counts_are_rounded_like_lround(tmp_path: Path) -> None:
     assert read_imatrix(tmp_path / "r.gguf").entries["a"].counts.tolist() == [1, 2, 3, 2]
 
 
-def _mutations() -> st.SearchStrategy[list[tuple[str, int, int]]]:
-    interesting = st.sampled_from([0, 1, -1, 255, 1 << 31, (1 << 31) - 1, 1 << 40, (1 << 63) - 1, (1 << 64) - 1])
-    op = st.tuples(st.sampled_from(["flip", "i32", "u64", "cut", "insert"]), st.integers(0, 1 << 16), interesting | st.integers(0, 255))
-    return st.lists(op, min_size=1, max_size=4)
-
-
-def _mutate(data: bytes, ops: list[tuple[str, int, int]]) -> bytes:
-    b = bytearray(data)
-    for kind, pos, val in ops:
-        pos %= max(len(b), 1)
-        if kind == "flip" and b:
-            b[pos] ^= 1 << (val % 8)
-        elif kind == "i32":
-            b[pos : pos + 4] = struct.pack("<I", val & 0xFFFFFFFF)
-        elif kind == "u64":
-            b[pos : pos + 8] = struct.pack("<Q", val & (2**64 - 1))
-        elif kind == "cut":
-            del b[pos:]
-        else:
-            b[pos:pos] = bytes([val & 0xFF]) * (1 + val % 7)
-    return bytes(b)
-
-
 @pytest.fixture(scope="module")
 def fuzz_seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
     d = tmp_path_factory.mktemp("imatrix-fuzz")
@@ -685,11 +666,11 @@ def fuzz_seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 
 
 @settings(max_examples=300, deadline=2000, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(["gguf", "dat"]), ops=_mutations())
+@given(fmt=st.sampled_from(["gguf", "dat"]), ops=mutations())
 def test_fuzz_read_imatrix_only_raises_k2conv_error(fuzz_seeds: tuple[Path, dict[str, bytes]], fmt: str, ops: list[tuple[str, int, int]]) -> None:
     folder, seeds = fuzz_seeds
     path = folder / "m.imatrix"
-    path.write_bytes(_mutate(seeds[fmt], ops))
+    path.write_bytes(mutate(seeds[fmt], ops))
     t0 = time.monotonic()
     try:
         im = read_imatrix(path)
@@ -719,7 +700,7 @@ def test_whatever_we_accept_llama_quantize_loads_to_the_same_values(
         ops = [(kinds[rng.integers(5)], int(rng.integers(1 << 16)), int(rng.choice(vals)) if rng.random() < 0.5 else int(rng.integers(256)))
                for _ in range(int(rng.integers(1, 3)))]  # fmt: skip
         path = folder / f"diff-{i}.imatrix"
-        path.write_bytes(_mutate(seeds[fmt], ops))
+        path.write_bytes(mutate(seeds[fmt], ops))
         try:
             ours = read_imatrix(path)
         except K2ConvError:
