@@ -57,7 +57,7 @@ class AlignedBuffer:
         return self.array[:size]
 
 
-def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
+def pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
     """Fill `buf` from `offset`; returns the bytes read (short only at end of file)."""
     view, at, done = memoryview(buf), offset, 0
     while done < len(buf):
@@ -100,13 +100,13 @@ class DirectReader:
         start, end = align_down(offset), align_up(offset + size)
         buf = self.buffer.get(end - start)
         try:
-            got = _pread_into(self.fd, buf, start)
+            got = pread_into(self.fd, buf, start)
         except OSError as exc:
             if exc.errno != errno.EINVAL or not self.direct:
                 raise K2ConvError(f"{self.path}: read of {size} bytes at {offset} failed ({exc.strerror})") from None
             os.close(self.fd)
             self._fall_back(exc)
-            got = _pread_into(self.fd, buf, start)
+            got = pread_into(self.fd, buf, start)
         if got < offset + size - start:
             raise K2ConvError(f"{self.path}: read of {size} bytes at {offset} cut short (file too small)")
         self.reads += 1

@@ -30,6 +30,7 @@ Counters (`CacheStats`): accesses, hits, misses, file reads and bytes read, per-
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ class CacheStats:
     reads: int = 0  # file reads (GGUF: 3 per expert miss, relayout: 1)
     bytes_read: int = 0  # bytes of expert data read from the files
     evictions: int = 0
+    fetch_s: float = 0.0  # wall time of the misses' reads and copies to the device (sync copies: exact)
     per_layer_use: dict[int, dict[int, int]] = field(default_factory=dict)
 
     @property
@@ -63,7 +65,8 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"accesses": self.accesses, "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate,
-                "reads": self.reads, "bytes_read": self.bytes_read, "evictions": self.evictions}
+                "reads": self.reads, "bytes_read": self.bytes_read, "evictions": self.evictions,
+                "fetch_s": self.fetch_s}
 
 
 @dataclass
@@ -130,7 +133,9 @@ class ExpertCache:
             self.entries.move_to_end(key)
         else:
             st.misses += 1
+            t0 = time.perf_counter()
             entry = self._fetch(layer, e)
+            st.fetch_s += time.perf_counter() - t0
             self._insert(key, entry)
         entry.count += 1
         entry.last = self._tick
@@ -244,13 +249,12 @@ def load_model(src: WeightSource, device: str | torch.device = "auto", *, budget
         raise K2ConvError(f"{getattr(src, 'path', 'model')}: --device cuda asked for, but torch sees no CUDA device")
     total = default_budget(dev) if budget is None else int(budget)
     notes: list[str] = []
-    if io == "direct":
-        if hasattr(src, "set_io"):
-            notes += src.set_io("direct", pin=dev.type == "cuda")
-        else:
-            notes.append(f"{getattr(src, 'path', 'model')}: --io direct applies to GGUF files; read through mmap")
-    elif io != "mmap":
+    if io not in ("mmap", "direct"):
         raise K2ConvError(f"--io {io!r} is not mmap or direct")
+    if hasattr(src, "set_io"):  # pinned staging for the copies to a GPU, in both modes
+        notes += src.set_io(io, pin=dev.type == "cuda")
+    elif io == "direct":
+        notes.append(f"{getattr(src, 'path', 'model')}: --io direct applies to GGUF files; read through mmap")
     cache = ExpertCache(src, dev, 0, policy=policy, store=store)
     counted = _BudgetedSource(src, total, dev)
     model = KimiModel(counted, dev, qa_norm_eps=qa_norm_eps, expert_fn=cache)  # type: ignore[arg-type]
