@@ -2,9 +2,9 @@
 
 Prints, for each recipe: wall time, source MB/s, weights/s, peak RSS of the quantize process, and
 the ratio of its throughput to `cp` of the same source bytes measured in the same run (page cache
-warm for both: the source is read once before timing).
+warm for both: the source is read once before timing), as medians of --repeat alternating runs.
 
-    .venv/bin/python bench/bench_quantize.py [--work DIR] [--recipes q4_0-native,q8_0] [--workers 1]
+    .venv/bin/python bench/bench_quantize.py [--work DIR] [--recipes q4_0-native,q8_0] [--workers 1] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +53,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/k2conv-bench"))
     ap.add_argument("--recipes", default="q4_0-native,q8_0")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3, help="alternating rounds of cp and quantize; medians count")
+    ap.add_argument("--settle", type=float, default=6.0,
+                    help="seconds to let the disk settle before each copy (this VM's host cache keeps writing ~5 s)")
     args = ap.parse_args()
     exe = [sys.executable, "-m", "k2conv.cli"]
     ckpt = args.work / "k2.5-slice"
@@ -65,22 +69,44 @@ def main() -> None:
             while f.read(1 << 24):
                 pass
     copy_dir = args.work / "cp-target"
-    shutil.rmtree(copy_dir, ignore_errors=True)
-    copy_dir.mkdir()
-    cp_wall, _ = run_timed(["bash", "-c", f"cp {ckpt}/*.safetensors {copy_dir}/ && sync -f {copy_dir}"])
-    shutil.rmtree(copy_dir)
-    cp_rate = src_bytes / cp_wall
-    results = {"source_bytes": src_bytes, "weights": n_weights, "cp_seconds": cp_wall, "cp_MBps": cp_rate / 1e6}
-    print(f"source: {src_bytes / 1e9:.2f} GB, {n_weights / 1e9:.3f} G weights; cp: {cp_wall:.1f} s = {cp_rate / 1e6:.0f} MB/s")
+
+    def cp() -> float:
+        shutil.rmtree(copy_dir, ignore_errors=True)
+        copy_dir.mkdir()
+        wall, _ = run_timed(["bash", "-c", f"cp {ckpt}/*.safetensors {copy_dir}/ && sync -f {copy_dir}"])
+        shutil.rmtree(copy_dir)
+        return wall
+
+    def settle() -> None:  # the previous copy's writeback must not land in the next one's time
+        os.sync()
+        time.sleep(args.settle)
+
+    results: dict = {"source_bytes": src_bytes, "weights": n_weights, "repeat": args.repeat}
+    print(f"source: {src_bytes / 1e9:.2f} GB, {n_weights / 1e9:.3f} G weights; medians of {args.repeat} "
+          f"alternating runs (cp q q cp ...)")
     for recipe in args.recipes.split(","):
         out = args.work / f"slice-{recipe}.gguf"
-        wall, rss = run_timed([*exe, "quantize", str(ckpt), str(out), "--recipe", recipe, "--quiet", "--force",
-                               "--no-mmproj", "--workers", str(args.workers)])
-        rate = src_bytes / wall
-        results[recipe] = {"seconds": wall, "MBps": rate / 1e6, "weights_per_s": n_weights / wall, "peak_rss": rss,
-                           "vs_cp": rate / cp_rate}
-        print(f"{recipe:12s} workers={args.workers}: {wall:6.1f} s  {rate / 1e6:7.0f} MB/s source  "
-              f"{n_weights / wall / 1e6:7.1f} M weights/s  peak RSS {rss / 2**20:6.0f} MiB  {rate / cp_rate:.2f}x cp")
+        cmd = [*exe, "quantize", str(ckpt), str(out), "--recipe", recipe, "--quiet", "--force", "--no-mmproj",
+               "--workers", str(args.workers)]
+        cps, runs = [], []
+        for k in range(args.repeat):
+            for name in ("cp", "q") if k % 2 == 0 else ("q", "cp"):
+                out.unlink(missing_ok=True)
+                settle()
+                if name == "cp":
+                    cps.append(cp())
+                else:
+                    runs.append(run_timed(cmd))
+        cp_wall = statistics.median(cps)
+        wall = statistics.median(w for w, _ in runs)
+        rss = max(r for _, r in runs)
+        rate, cp_rate = src_bytes / wall, src_bytes / cp_wall
+        results[recipe] = {"seconds": wall, "runs": [w for w, _ in runs], "cp_seconds": cps, "MBps": rate / 1e6,
+                           "weights_per_s": n_weights / wall, "peak_rss": rss, "vs_cp": rate / cp_rate}
+        print(f"{recipe:12s} workers={args.workers}: {wall:6.1f} s [{min(w for w, _ in runs):.1f}–"
+              f"{max(w for w, _ in runs):.1f}]  {rate / 1e6:7.0f} MB/s source  {n_weights / wall / 1e6:7.1f} M weights/s  "
+              f"peak RSS {rss / 2**20:6.0f} MiB  {rate / cp_rate:.2f}x cp ({cp_wall:.1f} s = {cp_rate / 1e6:.0f} MB/s "
+              f"[{min(cps):.1f}–{max(cps):.1f}])")
         out.unlink(missing_ok=True)
     print(json.dumps(results))
     print(f"bench process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

@@ -147,6 +147,15 @@ class Checkpoint:
             return Int4Parts(packed, scale, None, rows, cols)
         return Int4Parts(packed, scale, np.asarray(scale, dtype=np.float32), rows, cols)
 
+    def bf16_bits(self, w: LogicalWeight, rows: slice | None = None) -> np.ndarray | None:
+        """The stored bfloat16 bit patterns (uint16, a view of the mapped file) of a plain BF16 weight,
+        or None for any other storage: lets a quantizer that widens on the fly skip `read`'s float32 copy."""
+        name = f"{self.config.tensor_prefix}{w.module}.{w.suffix}"
+        if w.storage != PLAIN or self.entry(name).dtype != "BF16":
+            return None
+        raw = self.raw(name)
+        return raw[rows or slice(0, w.shape[0])] if raw.ndim > 1 else raw
+
     def read(self, w: LogicalWeight, rows: slice | None = None) -> np.ndarray:
         """The logical weight (or rows `rows` of it) as float32, NaN/Inf rejected with the tensor's name.
 

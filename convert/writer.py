@@ -22,14 +22,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from k2conv.atomic import commit, temp_path
+from k2conv.atomic import commit, start_writeback, temp_path
 from k2conv.convert.checkpoint import Checkpoint
 from k2conv.convert.hf_layout import INT4, LogicalWeight
 from k2conv.convert.integrity import crc32c, crc32c_combine
@@ -49,7 +49,7 @@ from k2conv.convert.plan import EXPERTS, K_B, V_B, Plan, PlannedTensor
 from k2conv.errors import K2ConvError
 from k2conv.quant.imatrix import Imatrix, quantizer_weights
 from k2conv.quant.int4_repack import repack_int4_to_q4_0, scales_to_f16
-from k2conv.quant.quantize import quantize
+from k2conv.quant.quantize import quantize, quantize_q8_0_bf16
 from k2conv.quant.types import T, row_bytes
 
 CHUNK_ELEMENTS = 8 * 1024 * 1024  # float32 elements per row slab (32 MiB)
@@ -108,19 +108,26 @@ def _expert_bytes(ckpt: Checkpoint, t: PlannedTensor, w: LogicalWeight, expert: 
     if w.storage == INT4 and t.qtype == T.Q4_0:
         parts = ckpt.int4_parts(w)
         where = ckpt.where(ckpt.config.tensor_prefix + w.module + ".weight_scale")
-        f16, report = scales_to_f16(parts.scale_bits if parts.scale_f32 is None else parts.scale_f32)
-        if report.inexact:
+        scales = parts.scale_bits if parts.scale_f32 is None else parts.scale_f32
+        data, inexact, nonfinite = repack_int4_to_q4_0(parts.packed, scales, parts.cols)
+        if inexact:
+            _, report = scales_to_f16(scales)  # the rare path: which scale, by how much
             what = (f"{where}: {report.inexact} of {report.total} INT4 scales are not representable in float16 "
                     f"(e.g. {report.worst_value:g}, relative error after rounding {report.worst_rel_error:.3g})")
             if not opts.allow_inexact_scales:
                 raise K2ConvError(f"{what}; rerun with --override '{re.escape(t.name)}=F32' for an exact copy, "
                                   "or --allow-inexact-scales to round them")
             _WARNINGS.append(f"warning: {what}: rounded (--allow-inexact-scales)")
-        if not np.all(np.isfinite(f16)):
+        if nonfinite:
             raise K2ConvError(f"{where}: scale overflows float16 (|scale| > 65504); use --override '{re.escape(t.name)}=F32'")
-        return repack_int4_to_q4_0(parts.packed, f16, parts.cols)
+        return data
     weights = importance(opts, t)
     return quantize(ckpt.read(w), t.qtype, None if weights is None else weights[expert])
+
+
+def _stored_name(ckpt: Checkpoint, w: LogicalWeight) -> str:
+    """The checkpoint tensor a plain weight is stored as (for error messages)."""
+    return f"{ckpt.config.tensor_prefix}{w.module}.{w.suffix}"
 
 
 def produce(ckpt: Checkpoint, t: PlannedTensor, unit: Unit, opts: Options) -> tuple[int, np.ndarray]:
@@ -132,22 +139,27 @@ def produce(ckpt: Checkpoint, t: PlannedTensor, unit: Unit, opts: Options) -> tu
     w = t.sources[0]
     if t.kind in (K_B, V_B):
         cfg = ckpt.config
-        kv_b = ckpt.read(w).reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        bits = ckpt.bf16_bits(w) if t.qtype == T.Q8_0 else None
+        kv_b = ckpt.read(w) if bits is None else bits
+        kv_b = kv_b.reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         if t.kind == K_B:
             part = kv_b[:, : cfg.qk_nope_head_dim, :].transpose(0, 2, 1)  # (heads, kv_lora, nope)
         else:
             part = kv_b[:, cfg.qk_nope_head_dim :, :]  # (heads, v, kv_lora)
+        if bits is not None:  # Q8_0 blocks never cross a row: the heads need no separate passes
+            return 0, quantize_q8_0_bf16(np.ascontiguousarray(part), ckpt.where(_stored_name(ckpt, w)))
         weights = importance(opts, t)
         if weights is None:
             return 0, quantize(np.ascontiguousarray(part), t.qtype)
         # One importance vector per head: llama-quantize quantizes each ne2 slice on its own.
         return 0, np.concatenate([quantize(np.ascontiguousarray(part[h]), t.qtype, weights[h]) for h in range(len(part))])
+    rows = slice(unit.row_start, unit.row_stop) if unit.row_stop >= 0 else None
+    offset = unit.row_start * row_bytes(t.qtype, t.shape[-1]) if rows else 0
+    bits = ckpt.bf16_bits(w, rows) if t.qtype == T.Q8_0 else None
+    if bits is not None:  # the commonest case (BF16 attention/dense/shared matrices → Q8_0): one pass
+        return offset, quantize_q8_0_bf16(bits, ckpt.where(_stored_name(ckpt, w)))
     weights = importance(opts, t)
-    row_weights = None if weights is None else weights[0]
-    if unit.row_stop >= 0:
-        data = ckpt.read(w, slice(unit.row_start, unit.row_stop))
-        return unit.row_start * row_bytes(t.qtype, t.shape[-1]), quantize(data, t.qtype, row_weights)
-    return 0, quantize(ckpt.read(w), t.qtype, row_weights)
+    return offset, quantize(ckpt.read(w, rows), t.qtype, None if weights is None else weights[0])
 
 
 # ---- running ----------------------------------------------------------------------------------
@@ -171,6 +183,7 @@ class _Sink:
             while view:
                 n = os.pwrite(fd, view, pos)
                 view, pos = view[n:], pos + n
+            start_writeback(fd, base + offset, data.nbytes)
         except OSError as exc:
             if is_disk_full(exc):
                 raise DiskFull(f"{self.plan.files[file_index].path}: no space left on device "
@@ -212,24 +225,62 @@ def _write_and_checksum(sink: _Sink, t: PlannedTensor, offset: int, data: np.nda
     return crc.result()
 
 
-def _run_unit(job: tuple[int, Unit]) -> tuple[int, int, int, list[str]]:
-    """Produce and write one unit; (unit index, bytes, CRC-32C of the bytes, warnings)."""
+_Made = tuple[int, Unit, int, np.ndarray, list[str]]  # (unit index, unit, offset in tensor, bytes, warnings)
+
+
+def _make_unit(job: tuple[int, Unit]) -> _Made:
+    """Produce one unit's bytes (the CPU-heavy half of a unit)."""
     assert _WORKER is not None
     if _TEST_DELAY:
         time.sleep(_TEST_DELAY)
-    ckpt, plan, opts, sink = _WORKER
+    ckpt, plan, opts, _ = _WORKER
     index, unit = job
     t = plan.tensors[unit.tensor]
     offset, data = produce(ckpt, t, unit, opts)
     expected = unit_bytes(plan, unit)
     if data.nbytes != expected:  # pragma: no cover - a planner/quantizer disagreement is a bug
         raise AssertionError(f"{t.name}: produced {data.nbytes} bytes, plan says {expected}")
-    crc = _write_and_checksum(sink, t, offset, data)
-    for w in t.sources if t.kind != EXPERTS else (t.sources[unit.expert],):
-        ckpt.release(w)
     warnings = _WARNINGS[:]
     _WARNINGS.clear()
-    return index, expected, crc, warnings
+    return index, unit, offset, data, warnings
+
+
+def _store_unit(made: _Made) -> tuple[int, int, int, list[str]]:
+    """Write and checksum one produced unit, then let go of its source pages;
+    (unit index, bytes, CRC-32C of the bytes, warnings)."""
+    assert _WORKER is not None
+    ckpt, plan, _, sink = _WORKER
+    index, unit, offset, data, warnings = made
+    t = plan.tensors[unit.tensor]
+    crc = _write_and_checksum(sink, t, offset, data)
+    for w in t.sources if t.kind != EXPERTS else (t.sources[unit.expert],):
+        ckpt.release(w)  # after the write: produced bytes may still be views of the mapped source
+    return index, data.nbytes, crc, warnings
+
+
+def _run_unit(job: tuple[int, Unit]) -> tuple[int, int, int, list[str]]:
+    """Produce and write one unit (a worker process's task)."""
+    return _store_unit(_make_unit(job))
+
+
+def _pipelined(jobs: list[tuple[int, Unit]]) -> Iterator[tuple[int, int, int, list[str]]]:
+    """One process: a writer thread stores unit N (pwrite + CRC, both GIL-free) while this thread
+    produces unit N+1, so writing and checksumming leave the critical path whenever a second core is
+    free. At most two units' bytes are alive; a result is yielded (and journaled) only once stored."""
+    with ThreadPoolExecutor(1, thread_name_prefix="k2conv-write") as writer:
+        inflight: Future | None = None
+        try:
+            for job in jobs:
+                made = _make_unit(job)
+                if inflight is not None:
+                    yield inflight.result()
+                inflight = writer.submit(_store_unit, made)
+            if inflight is not None:
+                yield inflight.result()
+                inflight = None
+        finally:
+            if inflight is not None:  # interrupted: let the write in flight finish before the files close
+                inflight.cancel() or inflight.exception()
 
 
 def _run_units(
@@ -244,8 +295,7 @@ def _run_units(
     _WORKER = (ckpt, plan, opts, _Sink(plan))
     try:
         if workers <= 1:
-            for job in jobs:
-                yield _run_unit(job)
+            yield from _pipelined(jobs)
             return
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -438,6 +488,9 @@ def write_plan(ckpt: Checkpoint, plan: Plan, *, workers: int = 1, opts: Options 
     if integrity:  # compile/load the CRC kernels once here, not in every forked worker
         crc32c(np.zeros(1 << 20, dtype=np.uint8))
         crc32c(np.zeros(16, dtype=np.uint8))
+    if workers > 1:  # likewise the kernels of the two commonest units: forked workers inherit them loaded
+        quantize_q8_0_bf16(np.zeros((1, 32), dtype=np.uint16), "warm-up")
+        repack_int4_to_q4_0(np.zeros((1, 4), dtype=np.int32), np.ones((1, 1), dtype=np.uint16), 32)
     try:
         journal = _start_journal(plan, units, opts, inputs or [], restart, integrity)
     except OSError as exc:

@@ -31,6 +31,20 @@ def commit(temp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def start_writeback(fd: int, offset: int, n: int) -> None:
+    """Ask the kernel to write [offset, offset+n) to disk now, without waiting (Linux: POSIX_FADV_DONTNEED
+    starts writeback of the range's dirty pages and drops its clean ones).
+
+    Why: the kernel's flusher starts only once dirty pages pass dirty_background_ratio (10 % of RAM, 2.4 GB
+    on a 24 GB machine), so a multi-GB output would sit dirty in RAM until the final fsync and the disk
+    would idle while the CPU works, then the CPU idle while the disk works. Started per unit, the disk
+    writes while later units are produced and the final fsync has little left; the dropped clean pages
+    also keep the output from pushing the input out of the page cache.
+    """
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+
+
 def write_bytes_atomic(final: Path, data: bytes) -> None:
     """Small files (configs, JSON reports): all or nothing."""
     temp = temp_path(final)

@@ -43,7 +43,7 @@ import zstandard
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.constants import GGUF_MAGIC
 
-from k2conv.atomic import commit, temp_path
+from k2conv.atomic import commit, start_writeback, temp_path
 from k2conv.convert.integrity import (
     ALGORITHM,
     KEY_ALGORITHM,
@@ -464,14 +464,6 @@ def _read_into(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _start_writeback(fd: int, offset: int, n: int) -> None:
-    """Ask the kernel to write [offset, offset+n) to disk now (Linux: POSIX_FADV_DONTNEED starts writeback
-    of the dirty pages), so the disk works while later batches are copied and the final fsync has little
-    left to do; the clean pages it drops also keep the output from crowding the inputs out of the cache."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
-
-
 class _Batcher:
     """Writes raw units through two reused buffers of CHUNK/2: consecutive units are read into one at their
     aligned places (padding zeroed) and checksummed there, while a writer thread writes the other with one
@@ -546,7 +538,7 @@ class _Batcher:
 
     def _write(self, view: memoryview, offset: int) -> None:
         _pwrite_all(self.fd, view, offset)
-        _start_writeback(self.fd, offset, len(view))
+        start_writeback(self.fd, offset, len(view))
 
     def _take(self, k: int) -> None:
         """Wait for buffer k's write, then journal its units."""

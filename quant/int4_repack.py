@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit
 
 from k2conv.convert.dtypes import bf16_bits_to_f32
+from k2conv.quant.kquant_helpers import fp16_to_fp32, fp32_to_fp16
 
 Q4_0_BLOCK = 32
 Q4_0_BYTES = 18
@@ -49,36 +50,48 @@ def scales_to_f16(scales: np.ndarray) -> tuple[np.ndarray, ScaleReport]:
 
 
 @njit(cache=True, nogil=True)
-def _repack_kernel(src: np.ndarray, scale_bytes: np.ndarray, out: np.ndarray) -> None:
-    """src: [rows, nblk, 16] bytes of packed words; out: [rows, nblk, 18] Q4_0 blocks.
+def _repack_kernel(src: np.ndarray, scales: np.ndarray, out: np.ndarray) -> tuple[int, int]:
+    """src: [rows, nblk, 16] bytes of packed words; scales: float32 [rows, nblk]; out: [rows, nblk, 18]
+    Q4_0 blocks. Returns (scales float16 cannot hold exactly, scales that become inf/NaN in float16).
 
     Source byte k of a block holds columns 2k (low nibble) and 2k+1 (high); Q4_0 byte j holds
     columns j (low) and j+16 (high). So Q4_0 byte 2m = low(src[m]) | low(src[m+8]) << 4 and
-    byte 2m+1 = high(src[m]) | high(src[m+8]) << 4.
+    byte 2m+1 = high(src[m]) | high(src[m+8]) << 4. The scale is narrowed here too (IEEE
+    round-to-nearest-even, as numpy's astype(float16)): numpy's float32→float16→float32 round trip
+    over every scale cost as much as the repack itself.
     """
     rows, nblk = src.shape[0], src.shape[1]
+    inexact = 0
+    nonfinite = 0
     for r in range(rows):
         for b in range(nblk):
-            out[r, b, 0] = scale_bytes[r, b, 0]
-            out[r, b, 1] = scale_bytes[r, b, 1]
+            f = scales[r, b]
+            h = fp32_to_fp16(f)
+            inexact += fp16_to_fp32(h) != f
+            nonfinite += (h & 0x7C00) == 0x7C00
+            out[r, b, 0] = h & 0xFF
+            out[r, b, 1] = h >> 8
             for m in range(8):
                 a = src[r, b, m]
                 c = src[r, b, m + 8]
                 out[r, b, 2 + 2 * m] = (a & 0x0F) | ((c & 0x0F) << 4)
                 out[r, b, 3 + 2 * m] = (a >> 4) | (c & 0xF0)
+    return inexact, nonfinite
 
 
-def repack_int4_to_q4_0(packed: np.ndarray, scale_f16: np.ndarray, cols: int) -> np.ndarray:
-    """Q4_0 bytes [rows, cols/32·18] holding exactly the INT4 values of `packed` with `scale_f16`.
+def repack_int4_to_q4_0(packed: np.ndarray, scales: np.ndarray, cols: int) -> tuple[np.ndarray, int, int]:
+    """Q4_0 bytes [rows, cols/32·18] holding exactly the INT4 values of `packed` with its scales in float16,
+    plus (how many scales float16 rounds, how many overflow it): the caller decides whether that is allowed
+    (`scales_to_f16` then says which; the bytes are the rounded ones either way).
 
-    `packed` is the int32 [rows, cols/8] tensor as stored; `scale_f16` is [rows, cols/32].
+    `packed` is the int32 [rows, cols/8] tensor as stored; `scales` is [rows, cols/32], float32 or bf16 bits.
     """
     rows = packed.shape[0]
     if cols % Q4_0_BLOCK:
         raise ValueError(f"INT4→Q4_0 repack needs a multiple of 32 columns, got {cols}")
     nblk = cols // Q4_0_BLOCK
+    f32 = bf16_bits_to_f32(scales) if scales.dtype == np.uint16 else np.asarray(scales, dtype=np.float32)
     src = np.ascontiguousarray(packed[:, : cols // 8]).view(np.uint8).reshape(rows, nblk, 16)
-    scale_bytes = np.ascontiguousarray(scale_f16, dtype="<f2").view(np.uint8).reshape(rows, nblk, 2)
     out = np.empty((rows, nblk, Q4_0_BYTES), dtype=np.uint8)
-    _repack_kernel(src, scale_bytes, out)
-    return out.reshape(rows, nblk * Q4_0_BYTES)
+    inexact, nonfinite = _repack_kernel(src, np.ascontiguousarray(f32).reshape(rows, nblk), out)
+    return out.reshape(rows, nblk * Q4_0_BYTES), int(inexact), int(nonfinite)

@@ -86,6 +86,7 @@ void = types.void
 F1 = types.float32[::1]  # 1-D contiguous float32
 F2 = types.float32[:, ::1]  # 2-D C-contiguous float32
 I1 = types.int64[::1]
+U2 = types.Array(types.uint16, 1, "C", readonly=True)  # bfloat16 bit patterns, e.g. a mapped checkpoint
 OUT = types.uint8[:, ::1]  # quantized blocks, one row per block
 UniTuple = types.UniTuple
 Tuple = types.Tuple

@@ -34,6 +34,7 @@ from .kquant_helpers import (
     void,
 )
 from .lanes import NL, S_ROWS, gather, qkx_lanes, qx_lanes
+from .q8_0 import q80_range
 
 _FLT_MAX = F32(np.finfo(np.float32).max)
 
@@ -134,49 +135,6 @@ def _q51_ref(x, xo, out, b, L):
     _pack_q5(L, out, b, 4, 8)
 
 
-@njit(f32(f32), **JIT)
-def _roundf(v):
-    """C roundf: nearest integer, halves away from zero (exact in float32)."""
-    a = abs(v)
-    t = np.floor(a)
-    if a - t >= HALF:
-        t += ONE
-    return -t if v < ZERO else t
-
-
-@njit(void(F1, OUT, i64, i64), **JIT)
-def _q80_range(x, out, start, stop):
-    """quantize_row_q8_0_ref for blocks [start, stop): d = amax/127, q = roundf(x·id).
-
-    When amax and 1/d are finite every x·id lies in [-127, 127], so rounding is written as selects
-    into a scratch block and the int conversion needs no range check: LLVM vectorizes both loops (2x
-    on this machine). Blocks with inf/NaN, or a subnormal amax whose 1/d overflows, take the exact
-    scalar path (C's conversion of NaN/out-of-range floats).
-    """
-    q = np.empty(32, np.float32)
-    for b in range(start, stop):
-        xo = b * 32
-        amax = ZERO
-        for j in range(32):
-            a = abs(x[xo + j])
-            amax = amax if amax > a else a
-        d = amax / F32(127.0)
-        idv = ONE / d if d != ZERO else ZERO
-        store_fp16(out, b, 0, d)
-        if amax < F32(np.inf) and idv < F32(np.inf):
-            for j in range(32):
-                v = x[xo + j] * idv
-                a = abs(v)
-                t = np.floor(a)
-                t = t + ONE if a - t >= HALF else t
-                q[j] = -t if v < ZERO else t
-            for j in range(32):
-                out[b, 2 + j] = np.uint8(np.int32(q[j]) & 0xFF)
-        else:
-            for j in range(32):
-                out[b, 2 + j] = trunc_i32(_roundf(x[xo + j] * idv)) & 0xFF
-
-
 @njit(void(F1, i64, i64, i64, F1), **JIT)
 def _rows_sigma2(x, r0, r1, n_per_row, out):
     """out[r − r0] = Σx²/n_per_row over row r (sequential), for rows r0..r1−1.
@@ -198,7 +156,7 @@ def _rows_sigma2(x, r0, r1, n_per_row, out):
 def _ref_range(x, out, start, stop, kind):
     """The reference (no imatrix) quantizers, one 32-block at a time."""
     if kind == 4:
-        _q80_range(x, out, start, stop)
+        q80_range(x, out, start, stop)
         return
     L = np.zeros(32, np.int64)
     for b in range(start, stop):

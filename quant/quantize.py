@@ -37,3 +37,20 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray 
     out = out.reshape(rows.shape[0], -1)
     assert out.shape[1] == row_bytes(qtype, ne0), (qtype, out.shape)
     return out
+
+
+def quantize_q8_0_bf16(bits: np.ndarray, where: str) -> np.ndarray:
+    """Q8_0 of a bfloat16 tensor given as its uint16 bit patterns (any leading shape, last axis = one
+    row) → uint8 [rows, row_bytes], byte-identical to `quantize(widened, Q8_0)` in one pass without
+    the float32 copy; inf/NaN raise K2ConvError naming `where` (the tensor), as reading it would."""
+    from k2conv.errors import K2ConvError
+    from k2conv.quant.q8_0 import q80_bf16_range
+
+    ne0 = bits.shape[-1]
+    if ne0 % 32:
+        raise ValueError(f"{where}: row length {ne0} is not a multiple of Q8_0's 32-value block")
+    flat = np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1)
+    out = np.empty((flat.size // 32, 34), dtype=np.uint8)
+    if flat.size and q80_bf16_range(flat, out, 0, out.shape[0]):
+        raise K2ConvError(f"{where}: contains NaN or Inf")
+    return out.reshape(-1, row_bytes(T.Q8_0, ne0))
