@@ -8,7 +8,7 @@ both; the figure is the difference of the medians as % of the run without. It al
 `verify_integrity` over the written file (page cache warm) and the pieces of the cost directly:
 CRC-32C of every output byte, combining the unit CRCs, the journal lines.
 
-    .venv/bin/python bench/bench_journal.py [--work DIR] [--recipes q4_0-native,q8_0] [--workers 1,2] [--repeat 3]
+    .venv/bin/python bench/bench_journal.py [--work DIR] [--recipes q4_0-native,q8_0] [--workers 1,2] [--repeat 3] [--settle 5]
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def child(src: Path, out: Path, recipe: str, workers: int, integrity: bool) -> N
     print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": plan.total_size}))
 
 
-def run(src: Path, out: Path, recipe: str, workers: int, integrity: bool) -> dict:
+def run(src: Path, out: Path, recipe: str, workers: int, integrity: bool, settle: float = 0.0) -> dict:
+    out.unlink(missing_ok=True)
+    os.sync()
+    time.sleep(settle)  # this VM's disk keeps writing the last run's bytes for seconds after a sync
     cmd = [sys.executable, __file__, "--child", str(src), str(out), recipe, str(workers), str(int(integrity))]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -88,6 +91,7 @@ def main() -> None:
     ap.add_argument("--recipes", default="q4_0-native,q8_0")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds the disk gets to settle before each run")
     args = ap.parse_args()
     src = args.work / "k2.5-slice"
     if not (src / "config.json").exists():
@@ -104,8 +108,8 @@ def main() -> None:
             out = args.work / f"journal-{recipe}.gguf"
             on, off = [], []
             for _ in range(args.repeat):
-                off.append(run(src, out, recipe, workers, False)["seconds"])
-                on.append(run(src, out, recipe, workers, True)["seconds"])
+                off.append(run(src, out, recipe, workers, False, args.settle)["seconds"])
+                on.append(run(src, out, recipe, workers, True, args.settle)["seconds"])
             parts = pieces(out)
             m_on, m_off = statistics.median(on), statistics.median(off)
             cost = (m_on - m_off) / m_off * 100

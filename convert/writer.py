@@ -207,17 +207,23 @@ _CHECKSUMS = True  # False only for `write_plan(integrity=False)` (benchmarks); 
 _CRC_THREAD: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): one per process, made after fork
 
 
-def _write_and_checksum(sink: _Sink, t: PlannedTensor, offset: int, data: np.ndarray) -> int:
+def _write_and_checksum(sink: _Sink, t: PlannedTensor, offset: int, data: np.ndarray, inline: bool = False) -> int:
     """pwrite the unit while a second thread computes its CRC-32C; returns the CRC (0 when off).
 
     Both release the GIL, and pwrite often waits (dirty-page throttling while the disk catches up),
     so the checksum mostly costs no wall time; on a CPU with every core busy it costs ~0.2 ns/byte.
+    `inline`: checksum first, then write, in this thread (the single-process writer thread, which is
+    already off the critical path: a third thread would only take CPU from the producing one).
     """
     global _CRC_THREAD
     flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     if not _CHECKSUMS:
         sink.write(t, offset, flat)
         return 0
+    if inline:
+        crc = crc32c(flat)
+        sink.write(t, offset, flat)
+        return crc
     if _CRC_THREAD is None or _CRC_THREAD[0] != os.getpid():
         _CRC_THREAD = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="k2conv-crc"))
     crc = _CRC_THREAD[1].submit(crc32c, flat)
@@ -245,14 +251,14 @@ def _make_unit(job: tuple[int, Unit]) -> _Made:
     return index, unit, offset, data, warnings
 
 
-def _store_unit(made: _Made) -> tuple[int, int, int, list[str]]:
+def _store_unit(made: _Made, inline_crc: bool = False) -> tuple[int, int, int, list[str]]:
     """Write and checksum one produced unit, then let go of its source pages;
     (unit index, bytes, CRC-32C of the bytes, warnings)."""
     assert _WORKER is not None
     ckpt, plan, _, sink = _WORKER
     index, unit, offset, data, warnings = made
     t = plan.tensors[unit.tensor]
-    crc = _write_and_checksum(sink, t, offset, data)
+    crc = _write_and_checksum(sink, t, offset, data, inline_crc)
     for w in t.sources if t.kind != EXPERTS else (t.sources[unit.expert],):
         ckpt.release(w)  # after the write: produced bytes may still be views of the mapped source
     return index, data.nbytes, crc, warnings
@@ -274,7 +280,7 @@ def _pipelined(jobs: list[tuple[int, Unit]]) -> Iterator[tuple[int, int, int, li
                 made = _make_unit(job)
                 if inflight is not None:
                     yield inflight.result()
-                inflight = writer.submit(_store_unit, made)
+                inflight = writer.submit(_store_unit, made, True)
             if inflight is not None:
                 yield inflight.result()
                 inflight = None
