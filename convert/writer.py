@@ -13,6 +13,7 @@ disk stops the run with `DiskFull`, keeping the journal and temporary files for 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -289,6 +290,15 @@ def _pipelined(jobs: list[tuple[int, Unit]]) -> Iterator[tuple[int, int, int, li
                 inflight.cancel() or inflight.exception()
 
 
+def _quiet_worker() -> None:
+    """Forked workers inherit the parent's SIGTERM handler (raise KeyboardInterrupt): when the pool breaks
+    it terminates the survivors, which then printed a traceback each. Workers die quietly on SIGTERM
+    and ignore Ctrl-C (sent to the whole process group): the parent alone reports it, keeps the journal
+    and ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _run_units(
     ckpt: Checkpoint, plan: Plan, jobs: list[tuple[int, Unit]], opts: Options, workers: int
 ) -> Iterator[tuple[int, int, int, list[str]]]:
@@ -307,13 +317,22 @@ def _run_units(
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         pending = iter(jobs)
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_quiet_worker)
+        try:
             running = {pool.submit(_run_unit, job) for job in itertools.islice(pending, 4 * workers)}
             while running:
                 done, running = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     yield fut.result()
                 running |= {pool.submit(_run_unit, job) for job in itertools.islice(pending, len(done))}
+        except BaseException:  # Ctrl-C, a dead worker, an error: stop now, not after the queued units
+            workers_left = list(getattr(pool, "_processes", None) or {})
+            pool.shutdown(wait=False, cancel_futures=True)
+            for pid in workers_left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)  # unjournaled units are redone on resume
+            raise
+        pool.shutdown(wait=True)
     finally:
         _WORKER[3].close()
         _WORKER = None

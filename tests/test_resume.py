@@ -28,9 +28,12 @@ def outputs(folder: Path) -> list[Path]:
 
 
 def start(src: Path, out: Path, *extra: str, unit_delay: float = 0.0) -> subprocess.Popen:
+    """The run in a new process group, SIGINT at its default (as in a terminal, not ignored as a
+    background job of a non-interactive shell would have it)."""
     cmd = [*K2CONV, "quantize", str(src), str(out), "--recipe", "q8_0", "--quiet", "--no-mmproj", "--workers", "2", *extra]
     env = {**os.environ, "K2CONV_TEST_UNIT_DELAY": str(unit_delay)}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def wait_for_journal(folder: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -178,3 +181,33 @@ def test_killed_worker_is_reported_and_the_run_resumes(synth_ckpt, tmp_path: Pat
     assert start(src, out).wait() == 0
     assert digest([out]) == digest(outputs(ref_dir))
     assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.journal"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_process_group_with_workers(synth_ckpt, tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C in a terminal reaches the workers too: one line from the parent, no worker tracebacks, no
+    worker left running, and the rerun resumes to the same bytes."""
+    src = synth_ckpt("k2.5")
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    assert start(src, ref_dir / "m.gguf").wait() == 0
+    out = tmp_path / "m.gguf"
+    proc = start(src, out, unit_delay=0.05)
+    wait_for_journal(tmp_path, proc)
+    journal = next(tmp_path.glob("*.journal"))
+    deadline = time.monotonic() + 60
+    while journal.read_text().count("\n") < 4:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    workers = _children(proc.pid)
+    t0 = time.perf_counter()
+    os.killpg(proc.pid, sig)
+    code = proc.wait(timeout=30)
+    assert time.perf_counter() - t0 < 2.0
+    err = proc.stderr.read().decode()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 130 and len(lines) == 1 and "rerun the same command to resume" in lines[0], err
+    time.sleep(0.2)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    assert start(src, out).wait() == 0
+    assert digest([out]) == digest(outputs(ref_dir))
