@@ -152,8 +152,9 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def test_killed_worker_is_reported_and_the_run_resumes(synth_ckpt, tmp_path: Path) -> None:
-    """A worker killed mid-run (as the OOM killer would): one clear line, journal kept, rerun gives the same bytes."""
+def _reference_and_slowed_run(synth_ckpt, tmp_path: Path) -> tuple[Path, Path, Path, subprocess.Popen, Path]:
+    """(source, folder of an uninterrupted reference run, output, a slowed 2-worker run of it that has
+    journaled a few units, its journal)."""
     src = synth_ckpt("k2.5")
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -163,9 +164,15 @@ def test_killed_worker_is_reported_and_the_run_resumes(synth_ckpt, tmp_path: Pat
     wait_for_journal(tmp_path, proc)
     journal = next(tmp_path.glob("*.journal"))
     deadline = time.monotonic() + 60
-    while journal.read_text().count("\n") < 4:  # some units finished before the kill
+    while journal.read_text().count("\n") < 4:  # some units finished before the signal
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
+    return src, ref_dir, out, proc, journal
+
+
+def test_killed_worker_is_reported_and_the_run_resumes(synth_ckpt, tmp_path: Path) -> None:
+    """A worker killed mid-run (as the OOM killer would): one clear line, journal kept, rerun gives the same bytes."""
+    src, ref_dir, out, proc, journal = _reference_and_slowed_run(synth_ckpt, tmp_path)
     workers = _children(proc.pid)
     assert workers, "no worker processes found"
     os.kill(workers[0], signal.SIGKILL)
@@ -187,18 +194,7 @@ def test_killed_worker_is_reported_and_the_run_resumes(synth_ckpt, tmp_path: Pat
 def test_signal_to_the_process_group_with_workers(synth_ckpt, tmp_path: Path, sig: signal.Signals) -> None:
     """Ctrl-C in a terminal reaches the workers too: one line from the parent, no worker tracebacks, no
     worker left running, and the rerun resumes to the same bytes."""
-    src = synth_ckpt("k2.5")
-    ref_dir = tmp_path / "ref"
-    ref_dir.mkdir()
-    assert start(src, ref_dir / "m.gguf").wait() == 0
-    out = tmp_path / "m.gguf"
-    proc = start(src, out, unit_delay=0.05)
-    wait_for_journal(tmp_path, proc)
-    journal = next(tmp_path.glob("*.journal"))
-    deadline = time.monotonic() + 60
-    while journal.read_text().count("\n") < 4:
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.01)
+    src, ref_dir, out, proc, journal = _reference_and_slowed_run(synth_ckpt, tmp_path)
     workers = _children(proc.pid)
     t0 = time.perf_counter()
     os.killpg(proc.pid, sig)
@@ -207,6 +203,7 @@ def test_signal_to_the_process_group_with_workers(synth_ckpt, tmp_path: Path, si
     err = proc.stderr.read().decode()
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 130 and len(lines) == 1 and "rerun the same command to resume" in lines[0], err
+    assert not out.exists() and journal.exists()
     time.sleep(0.2)
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
     assert start(src, out).wait() == 0
