@@ -147,10 +147,14 @@ class Checkpoint:
             return Int4Parts(packed, scale, None, rows, cols)
         return Int4Parts(packed, scale, np.asarray(scale, dtype=np.float32), rows, cols)
 
+    def plain_name(self, w: LogicalWeight) -> str:
+        """The checkpoint tensor a plain (unquantized) weight is stored as."""
+        return f"{self.config.tensor_prefix}{w.module}.{w.suffix}"
+
     def bf16_bits(self, w: LogicalWeight, rows: slice | None = None) -> np.ndarray | None:
         """The stored bfloat16 bit patterns (uint16, a view of the mapped file) of a plain BF16 weight,
         or None for any other storage: lets a quantizer that widens on the fly skip `read`'s float32 copy."""
-        name = f"{self.config.tensor_prefix}{w.module}.{w.suffix}"
+        name = self.plain_name(w)
         if w.storage != PLAIN or self.entry(name).dtype != "BF16":
             return None
         raw = self.raw(name)
@@ -169,7 +173,7 @@ class Checkpoint:
         base = self.config.tensor_prefix + w.module
         finite: bool | None = None  # known already when the decoder checked it in its own pass
         if w.storage == PLAIN:
-            name = f"{base}.{w.suffix}"
+            name = self.plain_name(w)
             raw = self.raw(name)
             part = raw[rows] if raw.ndim > 1 else raw
             if self.entry(name).dtype == "BF16":

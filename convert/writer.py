@@ -126,11 +126,6 @@ def _expert_bytes(ckpt: Checkpoint, t: PlannedTensor, w: LogicalWeight, expert: 
     return quantize(ckpt.read(w), t.qtype, None if weights is None else weights[expert])
 
 
-def _stored_name(ckpt: Checkpoint, w: LogicalWeight) -> str:
-    """The checkpoint tensor a plain weight is stored as (for error messages)."""
-    return f"{ckpt.config.tensor_prefix}{w.module}.{w.suffix}"
-
-
 def produce(ckpt: Checkpoint, t: PlannedTensor, unit: Unit, opts: Options) -> tuple[int, np.ndarray]:
     """(byte offset inside the tensor, bytes) of one unit."""
     if t.kind == EXPERTS:
@@ -148,7 +143,7 @@ def produce(ckpt: Checkpoint, t: PlannedTensor, unit: Unit, opts: Options) -> tu
         else:
             part = kv_b[:, cfg.qk_nope_head_dim :, :]  # (heads, v, kv_lora)
         if bits is not None:  # Q8_0 blocks never cross a row: the heads need no separate passes
-            return 0, quantize_q8_0_bf16(np.ascontiguousarray(part), ckpt.where(_stored_name(ckpt, w)))
+            return 0, quantize_q8_0_bf16(np.ascontiguousarray(part), ckpt.where(ckpt.plain_name(w)))
         weights = importance(opts, t)
         if weights is None:
             return 0, quantize(np.ascontiguousarray(part), t.qtype)
@@ -158,7 +153,7 @@ def produce(ckpt: Checkpoint, t: PlannedTensor, unit: Unit, opts: Options) -> tu
     offset = unit.row_start * row_bytes(t.qtype, t.shape[-1]) if rows else 0
     bits = ckpt.bf16_bits(w, rows) if t.qtype == T.Q8_0 else None
     if bits is not None:  # the commonest case (BF16 attention/dense/shared matrices → Q8_0): one pass
-        return offset, quantize_q8_0_bf16(bits, ckpt.where(_stored_name(ckpt, w)))
+        return offset, quantize_q8_0_bf16(bits, ckpt.where(ckpt.plain_name(w)))
     weights = importance(opts, t)
     return offset, quantize(ckpt.read(w, rows), t.qtype, None if weights is None else weights[0])
 
