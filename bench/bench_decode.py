@@ -1,7 +1,7 @@
 """Decode speed of the reference runner on CPU against llama.cpp on the same GGUF (issue 4: goal >= 0.5x).
 
     .venv/bin/python bench/bench_decode.py [--work DIR] [--recipes q8_0,q4_0-native,Q4_K_M] [--threads 2]
-        [--tokens 16] [--prompt-len 32] [--store raw|float] [--no-llama] [--no-cold]
+        [--tokens 16] [--prompt-len 32] [--store auto|raw|packed|float] [--no-llama] [--no-cold]
 
 The `slice` checkpoint (true K2.5 per-layer sizes, 3 layers, 16 experts) is written once with
 `k2conv synth` and quantized once per recipe with `k2conv quantize`, all cached under --work.
@@ -234,8 +234,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--store", choices=["auto", "raw", "float"], default="auto",
-                    help="expert cache entries (expert_cache.py; auto = float on the CPU)")
+    ap.add_argument("--store", choices=["auto", "raw", "packed", "float"], default="auto",
+                    help="expert cache entries (expert_cache.py; auto = packed on the CPU)")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-cold", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="measure the CUDA path instead (bench/gpu.sh)")

@@ -15,6 +15,7 @@ Types without a torch kernel fall back to gguf's numpy dequantizer on the CPU (e
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,24 +58,34 @@ def _as_i8(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int8) if x.is_contiguous() else x.contiguous().view(torch.int8)
 
 
-# ---- legacy 32-element blocks ---------------------------------------------------------------------
+# ---- per type: the integer quants, the scale and the min of every group ----------------------------
+# A type's values are `scale·q − min` per group of 16 or 32 elements (min absent for symmetric types).
+# `dequantize` composes them; infer/qmatmul.py keeps them apart (int8 quants + float32 scales) for its
+# CPU matrix-vector kernels. Shapes: q (n, groups, group) integer, scale/min (n, groups, 1) float32.
 
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
-    return _as_i8(b[:, 2:]).to(torch.float32) * d
+@dataclass(frozen=True)
+class Groups:
+    q: torch.Tensor
+    scale: torch.Tensor
+    min: torch.Tensor | None = None
 
 
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
-    q = _low_high(b[:, 2:]).to(torch.int32) - 8
-    return d * q.to(torch.float32)
+def _legacy(d: torch.Tensor, q: torch.Tensor, m: torch.Tensor | None = None) -> Groups:
+    """One 32-element group per block; `m` is added (Q4_1/Q5_1: d·q + m), i.e. −m subtracted, exactly."""
+    return Groups(q.unsqueeze(1), d.unsqueeze(1), None if m is None else (-m).unsqueeze(1))
 
 
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = _low_high(b[:, 4:]).to(torch.float32)
-    return (d * q) + m
+def _q8_0(b: torch.Tensor) -> Groups:
+    return _legacy(_f16(b[:, :2]), _as_i8(b[:, 2:]))
+
+
+def _q4_0(b: torch.Tensor) -> Groups:
+    return _legacy(_f16(b[:, :2]), _low_high(b[:, 2:]).to(torch.int32) - 8)
+
+
+def _q4_1(b: torch.Tensor) -> Groups:
+    return _legacy(_f16(b[:, :2]), _low_high(b[:, 4:]), _f16(b[:, 2:4]))
 
 
 def _q5_high(qh: torch.Tensor) -> torch.Tensor:
@@ -82,35 +93,33 @@ def _q5_high(qh: torch.Tensor) -> torch.Tensor:
     return _bits(qh.unsqueeze(-1), 1).reshape(-1, 32)
 
 
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
+def _q5_0(b: torch.Tensor) -> Groups:
     q = (_low_high(b[:, 6:]) | (_q5_high(b[:, 2:6]) << 4)).to(torch.int32) - 16
-    return d * q.to(torch.float32)
+    return _legacy(_f16(b[:, :2]), q)
 
 
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = (_low_high(b[:, 8:]) | (_q5_high(b[:, 4:8]) << 4)).to(torch.float32)
-    return (d * q) + m
+def _q5_1(b: torch.Tensor) -> Groups:
+    return _legacy(_f16(b[:, :2]), _low_high(b[:, 8:]) | (_q5_high(b[:, 4:8]) << 4), _f16(b[:, 2:4]))
 
 
-def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b[:, :2])
-    levels = torch.tensor(_IQ4_LEVELS, dtype=torch.float32, device=b.device)
-    return d * levels[_low_high(b[:, 2:]).long()]
+def _iq4_levels(device: torch.device) -> torch.Tensor:
+    return torch.tensor(_IQ4_LEVELS, dtype=torch.int32, device=device)
+
+
+def _iq4_nl(b: torch.Tensor) -> Groups:
+    return _legacy(_f16(b[:, :2]), _iq4_levels(b.device)[_low_high(b[:, 2:]).long()])
 
 
 # ---- K-quants: 256-element super-blocks -----------------------------------------------------------
 
 
-def _q2_k(b: torch.Tensor) -> torch.Tensor:
+def _q2_k(b: torch.Tensor) -> Groups:
     n = b.shape[0]
     scales, qs = b[:, :16], b[:, 16:80]
     d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
     dl = (d * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
-    q = _bits(qs.reshape(n, 2, 32), 2).reshape(n, 16, 16).to(torch.float32)
-    return (dl * q - ml).reshape(n, QK_K)
+    return Groups(_bits(qs.reshape(n, 2, 32), 2).reshape(n, 16, 16), dl, ml)
 
 
 def _q3_k_scales(s: torch.Tensor) -> torch.Tensor:
@@ -121,15 +130,14 @@ def _q3_k_scales(s: torch.Tensor) -> torch.Tensor:
     return (low | (high << 4)).to(torch.int32) - 32
 
 
-def _q3_k(b: torch.Tensor) -> torch.Tensor:
+def _q3_k(b: torch.Tensor) -> Groups:
     n = b.shape[0]
     hmask, qs, scales = b[:, :32], b[:, 32:96], b[:, 96:108]
     d = _f16(b[:, 108:110])
     dl = (d * _q3_k_scales(scales).to(torch.float32)).reshape(n, 16, 1)
     low = _bits(qs.reshape(n, 2, 32), 2).reshape(n, 16, 16).to(torch.int32)
     high = _bits(hmask.reshape(n, 1, 32), 1).reshape(n, 16, 16).to(torch.int32)
-    q = low - ((high ^ 1) << 2)  # a clear mask bit means "subtract 4"
-    return (dl * q.to(torch.float32)).reshape(n, QK_K)
+    return Groups(low - ((high ^ 1) << 2), dl)  # a clear mask bit means "subtract 4"
 
 
 def _k4_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,23 +157,21 @@ def _k45_d_dm(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return d1, m1
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q4_k(b: torch.Tensor) -> Groups:
     n = b.shape[0]
     d1, m1 = _k45_d_dm(b)
-    q = _low_high(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).to(torch.float32)
-    return (d1 * q - m1).reshape(n, QK_K)
+    return Groups(_low_high(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32), d1, m1)
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k(b: torch.Tensor) -> Groups:
     n = b.shape[0]
     d1, m1 = _k45_d_dm(b)
     low = _low_high(b[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
     high = _bits(b[:, 16:48].reshape(n, 1, 32), 1)
-    q = (low | (high << 4)).to(torch.float32)
-    return (d1 * q - m1).reshape(n, QK_K)
+    return Groups(low | (high << 4), d1, m1)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k(b: torch.Tensor) -> Groups:
     n = b.shape[0]
     ql, qh, scales = b[:, :128], b[:, 128:192], b[:, 192:208]
     d = _f16(b[:, 208:210])
@@ -173,10 +179,10 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     low = _low_high(ql.reshape(n, 2, 64)).reshape(n, 8, 32)  # per 128-half: low nibbles of 64, then high
     high = _bits(qh.reshape(n, 2, 32), 2)
     q = (low | (high << 4)).to(torch.int32) - 32
-    return (dl * q.reshape(n, 16, 16).to(torch.float32)).reshape(n, QK_K)
+    return Groups(q.reshape(n, 16, 16), dl)
 
 
-def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+def _iq4_xs(b: torch.Tensor) -> Groups:
     n = b.shape[0]
     d = _f16(b[:, :2])
     high_bits = b[:, 2].to(torch.int32) | (b[:, 3].to(torch.int32) << 8)  # uint16 scales_h
@@ -184,17 +190,15 @@ def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
     high = (high_bits.unsqueeze(-1) >> shifts) & 0x03
     low = torch.stack([b[:, 4:8] & 0x0F, b[:, 4:8] >> 4], dim=-1).reshape(n, 8).to(torch.int32)
     dl = (d * ((low | (high << 4)) - 32).to(torch.float32)).reshape(n, 8, 1)
-    levels = torch.tensor(_IQ4_LEVELS, dtype=torch.float32, device=b.device)
-    q = levels[_low_high(b[:, 8:].reshape(n, 8, 16)).long()]
-    return (dl * q).reshape(n, QK_K)
+    return Groups(_iq4_levels(b.device)[_low_high(b[:, 8:].reshape(n, 8, 16)).long()], dl)
 
 
-_KERNELS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
+GROUPS: dict[GGMLQuantizationType, Callable[[torch.Tensor], Groups]] = {
     T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.IQ4_NL: _iq4_nl,
     T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.IQ4_XS: _iq4_xs,
 }  # fmt: skip
 
-TORCH_TYPES: tuple[GGMLQuantizationType, ...] = (T.F32, T.F16, T.BF16, *_KERNELS)
+TORCH_TYPES: tuple[GGMLQuantizationType, ...] = (T.F32, T.F16, T.BF16, *GROUPS)
 
 
 def out_shape(byte_shape: tuple[int, ...], qtype: GGMLQuantizationType) -> tuple[int, ...]:
@@ -220,12 +224,14 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType | int) -> torch.Te
         return raw.view(torch.float16).to(torch.float32).reshape(shape)
     if qtype == T.BF16:  # the bits become the top half of a float32, NaN payloads included
         return (raw.view(torch.int16).to(torch.int32) << 16).view(torch.float32).reshape(shape)
-    kernel = _KERNELS.get(qtype)
+    groups = GROUPS.get(qtype)
     _, size = GGML_QUANT_SIZES[qtype]
-    if kernel is None:
+    if groups is None:
         from gguf.quants import dequantize as np_dequantize
 
         flat = np.ascontiguousarray(raw.cpu().numpy().reshape(-1, size))
         out = torch.from_numpy(np_dequantize(flat, qtype).astype(np.float32, copy=False))
         return out.reshape(shape).to(raw.device)
-    return kernel(raw.reshape(-1, size)).reshape(shape)
+    g = groups(raw.reshape(-1, size))
+    values = g.scale * g.q.to(torch.float32)  # separate ops: d·q rounded, then − m (no FMA)
+    return (values if g.min is None else values - g.min).reshape(shape)

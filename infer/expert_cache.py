@@ -1,16 +1,18 @@
 """A byte-budgeted cache of routed experts on the compute device, and the model loader that sizes it.
 
-What is cached (`store`, default "auto" = raw on a GPU, float on the CPU):
+What is cached (`store`, default "auto" = raw on a GPU, packed on the CPU):
 - raw: an expert's three matrices as the file's GGML bytes, in one uint8 tensor on the device,
   dequantized on use (on that device) by infer/dequant.py. On a GPU this is the right trade: a Q4_0
   expert is 4.5 bits per weight against 32 for float32, so the same VRAM holds ~7x more experts, a
   miss costs one host→device copy of exactly the file's bytes, and dequantizing on the GPU is cheap
   next to that copy.
-- float: the dequantized float32 matrices. On the CPU dequantization is the expensive part (torch's
-  elementwise Q4_0 kernel: ~0.2 s per 2048x7168 matrix on one core, measured, against ~4 ms for the
-  matrix-vector product), so a raw hit would cost nearly what a miss costs; float entries make a hit
-  free, and a miss costs the read plus one dequantization. It is also the only choice for sources
-  without raw bytes (the HF checkpoint).
+- packed: int8 quants plus float32 group scales (infer/qmatmul.py, 9–10 bits per weight), multiplied
+  without expanding them. On the CPU expanding is the expensive part (torch's elementwise Q4_0 kernel:
+  ~0.2 s per 2048x7168 matrix on one core, against ~4 ms for the matrix-vector product), so a raw hit
+  would cost nearly what a miss costs; a packed hit costs only the product, which streams 3.5x fewer
+  bytes than float32. A miss costs the read plus one unpacking.
+- float: the dequantized float32 matrices (the only choice for sources without raw bytes, the HF
+  checkpoint; on request otherwise).
 
 Policies, evicting until the new entry fits the budget:
 - `lru`: least recently used first.
@@ -41,6 +43,7 @@ import torch
 
 from k2conv.errors import K2ConvError
 from k2conv.infer.dequant import dequantize
+from k2conv.infer.qmatmul import PackedMatrix, pack, packable
 from k2conv.infer.weights import PROJS, WeightSource
 
 POLICIES = ("lru", "lfu")
@@ -72,13 +75,13 @@ class CacheStats:
 @dataclass
 class _Entry:
     nbytes: int
-    tensors: dict[str, torch.Tensor]  # proj → float32 matrix (store="float")
+    tensors: dict[str, torch.Tensor | PackedMatrix]  # proj → matrix (store="float" or "packed")
     data: torch.Tensor | None = None  # uint8 raw record (store="raw")
     parts: dict[str, tuple] | None = None
     count: int = 0
     last: int = 0
 
-    def matrix(self, proj: str) -> torch.Tensor:
+    def matrix(self, proj: str) -> torch.Tensor | PackedMatrix:
         if self.data is None:
             return self.tensors[proj]
         off, n, qtype, (rows, _) = self.parts[proj]
@@ -92,10 +95,13 @@ class ExpertCache:
                  policy: str = "lru", store: str = "auto", aging_period: int = 4096):  # fmt: skip
         if policy not in POLICIES:
             raise ValueError(f"cache policy {policy!r} is not one of {', '.join(POLICIES)}")
-        if store not in ("auto", "raw", "float"):
-            raise ValueError(f"cache store {store!r} is not auto, raw or float")
+        if store not in ("auto", "raw", "packed", "float"):
+            raise ValueError(f"cache store {store!r} is not auto, raw, packed or float")
+        on_cpu = torch.device(device).type == "cpu"
         if store == "auto":
-            store = "raw" if torch.device(device).type == "cuda" else "float"
+            store = "packed" if on_cpu else "raw"
+        if store == "packed" and not on_cpu:
+            raise ValueError("cache store 'packed' is for the CPU (a GPU dequantizes raw blocks)")
         if budget is not None and budget < 0:
             raise ValueError("cache budget must be >= 0")
         self.src, self.device, self.budget, self.policy = src, torch.device(device), budget, policy
@@ -110,7 +116,7 @@ class ExpertCache:
 
     # ---- the ExpertFn ----
 
-    def __call__(self, layer: int, e: int, proj: str, device: torch.device | str | None = None) -> torch.Tensor:
+    def __call__(self, layer: int, e: int, proj: str, device: torch.device | str | None = None) -> torch.Tensor | PackedMatrix:
         key = (layer, e)
         if proj == PROJS[0] or self._current is None or self._current[0] != key:
             self._current = (key, self.access(layer, e))
@@ -158,7 +164,10 @@ class ExpertCache:
             data = host.clone() if rec.borrowed else host
         else:
             data = host.to(self.device)  # from a pinned buffer under --io direct: a DMA copy
-        if self.store == "float":
+        if self.store == "packed" and all(packable(qtype) for _, _, qtype, _ in rec.parts.values()):
+            tensors = {p: pack(data[off : off + n], qtype, shape) for p, (off, n, qtype, shape) in rec.parts.items()}
+            return _Entry(sum(t.nbytes for t in tensors.values()), tensors)
+        if self.store != "raw":  # float, or packed with a type that has no groups (F32/F16/BF16, IQ2…)
             probe = _Entry(0, {}, data, rec.parts)
             tensors = {p: probe.matrix(p) for p in PROJS}
             return _Entry(sum(t.nbytes for t in tensors.values()), tensors)
@@ -225,7 +234,12 @@ class _BudgetedSource:
         return getattr(self._src, name)
 
     def tensor(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        t = self._src.tensor(name, device)
+        return self._count(name, self._src.tensor(name, device))
+
+    def matrix(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor | PackedMatrix:
+        return self._count(name, self._src.matrix(name, device))
+
+    def _count(self, name: str, t: Any) -> Any:
         self.resident += t.nbytes
         if self._budget is not None and self.resident > self._budget:
             where = getattr(self._src, "path", "model")

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from k2conv.errors import K2ConvError
 from k2conv.infer.model import KimiModel
-from k2conv.infer.weights import PROJS, WeightSource, open_weights
+from k2conv.infer.weights import PROJS, FloatMatrices, WeightSource, open_weights
 from k2conv.quant.imatrix import Imatrix, ImatrixEntry
 
 MIN_CHUNK = 16  # llama-imatrix ignores dense products of fewer rows
@@ -223,7 +223,7 @@ def _collect(src: WeightSource, chunks: list[list[int]], device: str, process_ou
     def expert_fn(layer: int, e: int, proj: str, dev: torch.device) -> torch.Tensor:
         return col.add_expert(f"blk.{layer}.ffn_{proj}_exps.weight", e, cfg.n_routed_experts, src.expert(layer, e, proj, dev))
 
-    model = KimiModel(src, device, expert_fn=expert_fn)
+    model = KimiModel(FloatMatrices(src), device, expert_fn=expert_fn)  # type: ignore[arg-type]
     col = ActivationCollector(model.device)
     register_model(col, model, process_output)
     t0 = time.perf_counter()

@@ -5,7 +5,9 @@ transformers' DeepseekV3ForCausalLM reproduces it), not llama.cpp: the q_a / kv_
 eps of 1e-6 and YaRN takes beta_fast / beta_slow from the config (oracle-notes.md). `qa_norm_eps`
 switches the first to llama.cpp's behaviour for like-for-like comparisons with it.
 
-One sequence at a time, float32 everywhere. Layout of one decoder block:
+One sequence at a time, float32 activations and sums everywhere; a linear layer's weight is a float32
+matrix or, for quantized GGUF weights on the CPU, its packed int8 quants and scales (infer/qmatmul.py:
+the same values, multiplied without expanding them). Layout of one decoder block:
 
     h = x + MLA(RMSNorm(x))            multi-head latent attention, compressed KV cache
     y = h + FFN(RMSNorm(h))            dense SwiGLU (first_k_dense_replace layers) or MoE
@@ -29,12 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from k2conv.convert.config import ModelConfig
+from k2conv.infer.qmatmul import PackedMatrix, linear
 from k2conv.infer.weights import PROJS, WeightSource
 
 # DeepSeek's modeling code builds q_a_layernorm / kv_a_layernorm with this eps, whatever rms_norm_eps says.
 ORIGINAL_LOW_RANK_NORM_EPS = 1e-6
 
-ExpertFn = Callable[[int, int, str, torch.device], torch.Tensor]
+Weight = torch.Tensor | PackedMatrix  # float32 [out, in], or still quantized on the CPU (infer/qmatmul.py)
+ExpertFn = Callable[[int, int, str, torch.device], Weight]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -48,8 +52,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 # ---- rotary embedding with YaRN ------------------------------------------------------------------
@@ -170,16 +174,16 @@ class Attention:
         p = f"blk.{layer}."
         self.layer, self.cfg, self.eps = layer, cfg, low_rank_eps
         if cfg.q_lora_rank:
-            self.q_a = src.tensor(p + "attn_q_a.weight", device)
+            self.q_a = src.matrix(p + "attn_q_a.weight", device)
             self.q_a_norm = src.tensor(p + "attn_q_a_norm.weight", device)
-            self.q_b = src.tensor(p + "attn_q_b.weight", device)
+            self.q_b = src.matrix(p + "attn_q_b.weight", device)
         else:
-            self.q = src.tensor(p + "attn_q.weight", device)
-        self.kv_a = src.tensor(p + "attn_kv_a_mqa.weight", device)
+            self.q = src.matrix(p + "attn_q.weight", device)
+        self.kv_a = src.matrix(p + "attn_kv_a_mqa.weight", device)
         self.kv_a_norm = src.tensor(p + "attn_kv_a_norm.weight", device)
         self.k_b = src.tensor(p + "attn_k_b.weight", device)  # (heads, kv_lora, nope)
         self.v_b = src.tensor(p + "attn_v_b.weight", device)  # (heads, v, kv_lora)
-        self.o = src.tensor(p + "attn_output.weight", device)
+        self.o = src.matrix(p + "attn_output.weight", device)
         self.scale = softmax_scale(cfg)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
@@ -189,14 +193,14 @@ class Attention:
 
         # Queries: low-rank path (or a plain projection), split into the nope and rope parts per head.
         if cfg.q_lora_rank:
-            q = rms_norm(x @ self.q_a.T, self.q_a_norm, self.eps) @ self.q_b.T
+            q = linear(rms_norm(linear(x, self.q_a), self.q_a_norm, self.eps), self.q_b)
         else:
-            q = x @ self.q.T
+            q = linear(x, self.q)
         q = q.view(T, cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos[:, None], sin[:, None])
 
         # Keys/values: one compressed latent plus one shared rope key per token — the cache entry.
-        kv = x @ self.kv_a.T
+        kv = linear(x, self.kv_a)
         latent = rms_norm(kv[:, :kv_lora], self.kv_a_norm, self.eps)
         k_rope = apply_rope(kv[:, kv_lora:], cos, sin)
         if cache is not None:
@@ -214,7 +218,7 @@ class Attention:
         # Values: attend in the latent space, then expand per head with v_b.
         out_latent = probs @ latent  # (heads, T, kv_lora)
         out = torch.einsum("htc,hvc->thv", out_latent, self.v_b).reshape(T, -1)
-        return out @ self.o.T
+        return linear(out, self.o)
 
 
 # ---- feed-forward: dense SwiGLU or mixture of experts ------------------------------------------------------
@@ -223,7 +227,7 @@ class Attention:
 class DenseFFN:
     def __init__(self, src: WeightSource, layer: int, device: torch.device):
         p = f"blk.{layer}."
-        self.gate, self.up, self.down = (src.tensor(p + f"ffn_{n}.weight", device) for n in PROJS)
+        self.gate, self.up, self.down = (src.matrix(p + f"ffn_{n}.weight", device) for n in PROJS)
 
     def __call__(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:
         return swiglu(x, self.gate, self.up, self.down)
@@ -245,7 +249,7 @@ class MoE:
         self.bias = src.tensor(p + "exp_probs_b.bias", device) if src.has(p + "exp_probs_b.bias") else None
         self.shared = None
         if cfg.n_shared_experts:
-            self.shared = tuple(src.tensor(p + f"ffn_{n}_shexp.weight", device) for n in PROJS)
+            self.shared = tuple(src.matrix(p + f"ffn_{n}_shexp.weight", device) for n in PROJS)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert ids, weights), each [T, experts_per_tok].
@@ -322,7 +326,7 @@ class KimiModel:
         self.blocks = [Block(src, i, self.device, low_rank_eps, expert_fn) for i in range(self.cfg.num_hidden_layers)]
         self.norm = src.tensor("output_norm.weight", self.device)
         head = "output.weight" if src.has("output.weight") else "token_embd.weight"
-        self.lm_head = src.tensor(head, self.device)
+        self.lm_head = src.matrix(head, self.device)
 
     def new_cache(self, capacity: int) -> MLACache:
         return MLACache(self.cfg, capacity, self.device)
@@ -344,7 +348,7 @@ class KimiModel:
             x = block(x, cos, sin, start, cache, routing)
         if cache is not None:
             cache.length += ids.shape[0]
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps) @ self.lm_head.T
+        return linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
 
     __call__ = forward
 

@@ -32,6 +32,7 @@ from k2conv.gguf_scan import open_gguf_reader
 from k2conv.infer.dequant import dequantize
 from k2conv.infer.direct_io import pread_into
 from k2conv.infer.gguf_config import config_from_gguf
+from k2conv.infer.qmatmul import PackedMatrix, pack, packable
 
 PROJS = ("gate", "up", "down")
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -97,6 +98,11 @@ class WeightSource(ABC):
     def tensor(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """A non-expert weight as float32 in numpy/HF shape ([out, in] for linears)."""
 
+    def matrix(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor | PackedMatrix:
+        """A linear layer's weight [out, in] for `linear` (infer/qmatmul.py): float32 here; GGUF sources
+        keep quantized types packed on the CPU."""
+        return self.tensor(name, device)
+
     @abstractmethod
     def embed(self, ids: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Embedding rows for token ids (1-D) as float32 [len(ids), hidden]."""
@@ -107,6 +113,20 @@ class WeightSource(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release mapped files (sources hold no other resources)."""
+
+
+class FloatMatrices:
+    """A source whose `matrix` is its float32 `tensor`: for code that watches torch's own matmuls
+    (imatrix collection hooks them), which packed weights would bypass."""
+
+    def __init__(self, src: WeightSource):
+        self._src = src
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._src, name)
+
+    def matrix(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self._src.tensor(name, device)
 
 
 # ---- GGUF ------------------------------------------------------------------------------------------
@@ -165,6 +185,14 @@ class GGUFSource(WeightSource):
         out = self._load(raw, qtype, device).reshape(self.shapes[name])
         self.stats.resident_bytes += raw.nbytes
         return out
+
+    def matrix(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor | PackedMatrix:
+        t = self.tensors.get(name)
+        if t is None or torch.device(device).type != "cpu" or not packable(t.tensor_type) or len(self.shapes[name]) != 2:
+            return self.tensor(name, device)
+        raw = t.data.view(np.uint8)
+        self.stats.resident_bytes += raw.nbytes
+        return pack(raw, t.tensor_type, self.shapes[name])  # type: ignore[arg-type]
 
     def _split_kv_b(self, name: str, device: torch.device | str) -> torch.Tensor:
         cfg = self.config

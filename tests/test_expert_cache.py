@@ -26,6 +26,7 @@ from k2conv.infer import direct_io
 from k2conv.infer.direct_io import DirectReader
 from k2conv.infer.expert_cache import ExpertCache, load_model
 from k2conv.infer.model import KimiModel
+from k2conv.infer.qmatmul import pack, packable
 from k2conv.infer.verify import builtin_prompts, run_verify
 from k2conv.infer.weights import PROJS, ExpertRecord, ReadStats, open_weights
 
@@ -165,15 +166,20 @@ def ids_of(src) -> list[list[int]]:
 @pytest.mark.parametrize("kind", ["q4_0-native", "f32-relayout"])
 @pytest.mark.parametrize(("policy", "experts", "store"),
                          [("lru", None, "raw"), ("lfu", 0, "raw"), ("lru", 2.5, "raw"), ("lfu", 2.5, "float"),
-                          ("lru", None, "float")])  # fmt: skip
+                          ("lru", None, "float"), ("lru", None, "packed"), ("lfu", 2.5, "packed")])  # fmt: skip
 def test_logits_identical_with_and_without_cache(files, kind: str, policy: str, experts: float | None,
                                                  store: str) -> None:  # fmt: skip
     """`experts`: the budget in expert entries (None: unbounded; 2.5: fewer than one token's routed set)."""
     src = open_weights(files[kind])
     rec = src.expert_record(1, 0)
     entry = rec.data.nbytes if store == "raw" else sum(4 * r * c for _, _, _, (r, c) in rec.parts.values())
+    if store == "packed" and all(packable(t) for _, _, t, _ in rec.parts.values()):  # else float entries
+        entry = sum(pack(rec.data[o : o + n], t, shape).nbytes for o, n, t, shape in rec.parts.values())
     budget = None if experts is None else int(experts * entry)
-    want = [KimiModel(src)(ids) for ids in ids_of(src)]
+    # packed experts multiply in another summation order than float ones: the same store without a cache
+    # (every expert fetched and dropped) is the reference; raw and float both give float matrices
+    plain = ExpertCache(src, "cpu", budget=0, store="packed") if store == "packed" else None
+    want = [KimiModel(src, expert_fn=plain)(ids) for ids in ids_of(src)]
     cache = ExpertCache(src, "cpu", budget=budget, policy=policy, store=store)
     model = KimiModel(src, expert_fn=cache)
     for _ in range(2):
@@ -203,10 +209,13 @@ def test_float_store_and_load_model_budget(files) -> None:
     assert torch.equal(model(ids), want)
     assert cache.budget == 200_000_000 - model.resident_bytes > 0
     # float entries of a q4_0 expert are 32/4.5 ≈ 7x larger than raw ones
-    assert ExpertCache(src, "cpu").store == "float" and ExpertCache(src, "cuda").store == "raw"  # store="auto"
+    assert ExpertCache(src, "cpu").store == "packed" and ExpertCache(src, "cuda").store == "raw"  # store="auto"
     raw = ExpertCache(src, "cpu", store="raw")
     raw.access(1, 0)
     assert cache.entries[next(iter(cache.entries))].nbytes > 6 * raw.entries[(1, 0)].nbytes
+    packed = ExpertCache(src, "cpu")  # int8 + a float32 scale per 32 weights: 36 bytes against Q4_0 block of 18
+    packed.access(1, 0)
+    assert packed.entries[(1, 0)].nbytes == pytest.approx(2 * raw.entries[(1, 0)].nbytes, rel=0.01)
 
 
 def test_resident_weights_over_budget_is_a_clean_error(files) -> None:
