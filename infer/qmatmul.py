@@ -100,12 +100,15 @@ def _expand(q: np.ndarray, scales: np.ndarray, mins: np.ndarray, r0: int, out: n
     group = q.shape[1] // n_groups
     has_min = mins.shape[0] > 0
     for i in prange(out.shape[0]):
-        r = r0 + i
+        qr, sr, row = q[r0 + i], scales[r0 + i], out[i]
         for g in range(n_groups):
-            s, m = scales[r, g], mins[r, g] if has_min else np.float32(0)
-            for j in range(g * group, (g + 1) * group):
-                v = s * np.float32(q[r, j])
-                out[i, j] = v - m if has_min else v
+            s, at = sr[g], g * group
+            for j in range(group):
+                row[at + j] = s * np.float32(qr[at + j])
+            if has_min:
+                m = mins[r0 + i, g]
+                for j in range(group):
+                    row[at + j] -= m
 
 
 @dataclass(frozen=True)
@@ -129,12 +132,14 @@ class PackedMatrix:
     def nbytes(self) -> int:
         return self.q.nbytes + self.scales.nbytes + self.mins.nbytes
 
-    def expand(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
-        """Rows r0…r1 as float32, equal to dequantizing the original blocks."""
+    def expand(self, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None) -> torch.Tensor:
+        """Rows r0…r1 as float32 (into `out`'s first elements when given), equal to dequantizing the
+        original blocks."""
         r1 = self.shape[0] if r1 is None else r1
-        out = np.empty((r1 - r0, self.shape[1]), np.float32)
-        _expand(self.q, self.scales, self.mins, r0, out)
-        return torch.from_numpy(out)
+        n = (r1 - r0) * self.shape[1]
+        rows = (np.empty(n, np.float32) if out is None else out[:n]).reshape(r1 - r0, self.shape[1])
+        _expand(self.q, self.scales, self.mins, r0, rows)
+        return torch.from_numpy(rows)
 
 
 def packable(qtype: GGMLQuantizationType) -> bool:
@@ -159,6 +164,7 @@ def pack(raw: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, shape: tup
 
 
 _numba_threads = [0]
+_expand_buffer = [np.empty(0, np.float32)]  # the runner runs one forward pass at a time (not thread-safe)
 
 
 def _follow_torch_threads() -> None:
@@ -184,7 +190,9 @@ def linear(x: torch.Tensor, w: torch.Tensor | PackedMatrix) -> torch.Tensor:
             _gemv(w.q, w.scales, w.mins, xs[t], xsum, ys[t])
     else:
         step = max(1, EXPAND_BYTES // (4 * cols))
+        if _expand_buffer[0].size < step * cols:  # one buffer for every call: fresh pages cost ~30 %
+            _expand_buffer[0] = np.empty(step * cols, np.float32)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            out[:, r0:r1] = x2 @ w.expand(r0, r1).T
+            out[:, r0:r1] = x2 @ w.expand(r0, r1, _expand_buffer[0]).T
     return out.reshape(*x.shape[:-1], rows)
