@@ -21,7 +21,9 @@ at a time by a writer thread, overlapping the reads of the next batch); a journa
 run resume. The same CRC-32C values, computed as the bytes are written, become
 the file's per-tensor checksums (convert/integrity.py: `k2conv verify --integrity` rechecks them);
 the header's fixed-width slots for them, and for the record offsets a compressed run only learns as it
-goes, are filled in last, then the file is fsynced and renamed.
+goes, are filled in last, then the file is fsynced and renamed. The CRC-32C kernel (numba: most of a fresh
+process's start-up) loads on a thread while the first units are copied; those are checksummed, and only
+then journaled, once it is there.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import os
 import re
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -54,7 +57,7 @@ from k2conv.convert.integrity import (
 )
 from k2conv.convert.journal import Journal, input_identity, load_journal, plan_hash
 from k2conv.errors import K2ConvError
-from k2conv.gguf_scan import open_gguf_reader
+from k2conv.gguf_scan import GGUFLayout, TensorInfo, open_gguf_reader, scan_file
 
 LAYOUT_VERSION = 1  # records stored raw
 LAYOUT_VERSION_ZSTD = 2  # records stored as zstd frames: a version-1 reader must refuse them, not misread them
@@ -231,10 +234,13 @@ class RelayoutReport:
         return out
 
 
-def _header_end(reader: GGUFReader) -> int:
-    """End of the KV pairs and tensor infos: where the original header bytes stop."""
-    fields = [*reader.fields.values(), *(t.field for t in reader.tensors)]
-    return max(f.offset + sum(int(p.nbytes) for p in f.parts) for f in fields)
+def _scan(path: Path) -> GGUFLayout:
+    """The validated header of `path` (gguf_scan: hostile files fail as one K2ConvError line), its map closed:
+    what a relayout needs (each KV pair's bytes, the tensors, the header's end) without GGUFReader, which
+    parses the header a second time and builds a view per vocabulary string (seconds on a 160k vocab)."""
+    layout = scan_file(path)
+    layout.buf.close()  # type: ignore[attr-defined]
+    return layout
 
 
 def load_stats(path: Path) -> dict[int, dict[int, int]]:
@@ -320,15 +326,10 @@ def _plan(inputs: list[Path], align: int, order: str, stats: dict[int, dict[int,
     """The relayout of `inputs`, placed as if no record were compressed."""
     if align < 32 or align & (align - 1):
         raise K2ConvError(f"--align {align}: must be a power of two, at least 32")
-    readers = []
-    for p in inputs:
-        try:
-            readers.append(open_gguf_reader(p))
-        except (ValueError, KeyError, OSError) as exc:
-            raise K2ConvError(f"{p}: not a readable GGUF ({exc})") from None
-    if readers[0].fields.get(KEY_VERSION) is not None:
+    readers = [_scan(p) for p in inputs]
+    if KEY_VERSION in readers[0].kv:
         raise K2ConvError(f"{inputs[0]}: already a relayout file (use restore)")
-    exps: dict[int, dict[str, tuple[int, object]]] = {}
+    exps: dict[int, dict[str, tuple[int, TensorInfo]]] = {}
     for k, r in enumerate(readers):
         for t in r.tensors:
             m = _EXPS_RE.match(t.name)
@@ -341,27 +342,27 @@ def _plan(inputs: list[Path], align: int, order: str, stats: dict[int, dict[int,
         parts, off = [], 0
         for proj in PROJS:
             _, t = exps[layer][proj]
-            ne = [int(x) for x in t.shape]
-            if len(ne) != 3 or n_expert not in (0, ne[2]):
+            ne = list(t.ne)
+            if len(ne) != 3 or n_expert not in (0, ne[2]) or not ne[2]:
                 raise K2ConvError(f"{t.name}: expected (cols, rows, {n_expert or 'n_expert'}) experts, got ne={ne}")
             n_expert = ne[2]
-            if t.n_bytes % n_expert:
-                raise K2ConvError(f"{t.name}: {t.n_bytes} bytes do not split into {n_expert} experts")
-            per = t.n_bytes // n_expert
-            parts.append({"proj": proj, "name": t.name, "type": int(t.tensor_type), "ne": ne, "offset": off, "nbytes": per})
+            if t.nbytes % n_expert:
+                raise K2ConvError(f"{t.name}: {t.nbytes} bytes do not split into {n_expert} experts")
+            per = t.nbytes // n_expert
+            parts.append({"proj": proj, "name": t.name, "type": int(t.qtype), "ne": ne, "offset": off, "nbytes": per})
             off += per
         layer_info[str(layer)] = {"record_bytes": off, "parts": parts}
-    relaid = {exps[layer][p][1].name for layer in layers for p in PROJS}  # type: ignore[attr-defined]
+    relaid = {exps[layer][p][1].name for layer in layers for p in PROJS}
 
     units: list[Unit] = []
     files = []
     input_waste = 0
     for k, (p, r) in enumerate(zip(inputs, readers)):
-        head_end = _header_end(r)
+        head_end = r.header_end
         with open(p, "rb") as f:
-            head = os.pread(f.fileno(), head_end, 0)
+            head = _pread_all(f.fileno(), head_end, 0)
             size = os.fstat(f.fileno()).st_size
-            spans = sorted((t.data_offset, t.n_bytes, t.name) for t in r.tensors)
+            spans = sorted((t.offset, t.nbytes, t.name) for t in r.tensors)
             tensors, gaps, blob = [], [], bytearray()
             pos = head_end
             for off, n, name in [*spans, (size, 0, "")]:
@@ -388,8 +389,7 @@ def _plan(inputs: list[Path], align: int, order: str, stats: dict[int, dict[int,
     for k, r in enumerate(readers):
         for t in r.tensors:
             if t.name not in relaid:
-                units.append(Unit(t.name, int(t.tensor_type), tuple(int(x) for x in t.shape),
-                                  [Src(k, t.data_offset, t.n_bytes)]))
+                units.append(Unit(t.name, int(t.qtype), t.ne, [Src(k, t.offset, t.nbytes)]))
 
     keys = [(layer, e) for layer in layers for e in range(n_expert)]
     if order == "hot-first":
@@ -404,7 +404,7 @@ def _plan(inputs: list[Path], align: int, order: str, stats: dict[int, dict[int,
         srcs = []
         for part in info["parts"]:
             k, t = exps[layer][part["proj"]]
-            srcs.append(Src(k, t.data_offset + e * part["nbytes"], part["nbytes"]))  # type: ignore[attr-defined]
+            srcs.append(Src(k, t.offset + e * part["nbytes"], part["nbytes"]))
         units.append(Unit(record_name(layer, e), int(GGMLQuantizationType.I8), (info["record_bytes"],), srcs, record=True))
     for u in units:
         u.stored = u.nbytes
@@ -418,10 +418,10 @@ def _plan(inputs: list[Path], align: int, order: str, stats: dict[int, dict[int,
              _kv_str(KEY_INDEX, json.dumps(index, separators=(",", ":")))]
     original_kvs = []
     with open(inputs[0], "rb") as f:
-        for name, fld in readers[0].fields.items():  # the first input's KV pairs, byte for byte, in their order
-            if name.startswith("GGUF.") or name in _DROP_KEYS or name.startswith(_DROP_PREFIXES):
+        for name, kv in readers[0].kv.items():  # the first input's KV pairs, byte for byte, in their order
+            if name in _DROP_KEYS or name.startswith(_DROP_PREFIXES):
                 continue
-            original_kvs.append(os.pread(f.fileno(), sum(int(x.nbytes) for x in fld.parts), fld.offset))
+            original_kvs.append(_pread_all(f.fileno(), kv.end - kv.start, kv.start))
     plan = _Plan(units, index, layers, n_expert, keys, first_record, align, fixed, original_kvs, compression, input_waste)
     plan.data_start = pad(len(plan.serialize()[0]), align)  # values never change the header's length
     plan.place()
@@ -470,25 +470,78 @@ def _read_into(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+class _KernelLoad:
+    """numba's import and the CRC-32C kernels' load (~0.7 s of a fresh process, most of relayout's start-up)
+    on a thread of their own, started once the plan is made, so that they run while the first units are
+    copied (the copy waits on the disk, with the GIL released) instead of before them.
+
+    The load is Python holding the GIL; the copying thread wants it back after every read and write, and
+    would wait up to the interpreter's switch interval (5 ms) each time: lowered to 0.5 ms while the load
+    runs (then restored), the copy kept ~15 % more of its pace (1 GB: 510–540 MB copied during the load
+    against 390–480 MB, and the whole run 0.2–0.6 s shorter, on the dev VM)."""
+
+    SWITCH_INTERVAL = 0.0005
+    loaded = False  # once in a process: later runs find the kernels there
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.thread: threading.Thread | None = None
+        if _KernelLoad.loaded:
+            self.ready.set()
+            return
+        self.interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self.interval, self.SWITCH_INTERVAL))
+        self.thread = threading.Thread(target=self._load, name="k2conv-crc-load")
+        self.thread.start()
+
+    def _load(self) -> None:
+        try:
+            for data in (bytes(1 << 20), bytearray(1 << 20)):  # read-only and writable buffers: every
+                crc32c(data)  # kernel and argument type the copy will use
+            _KernelLoad.loaded = True
+        except BaseException:  # the caller's own crc32c call raises it again, in its thread
+            pass
+        finally:
+            sys.setswitchinterval(self.interval)
+            self.ready.set()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
 class _Batcher:
     """Writes raw units through two reused buffers of CHUNK/2: consecutive units are read into one at their
     aligned places (padding zeroed) and checksummed there, while a writer thread writes the other with one
     pwrite; a unit is journaled only once the write that holds it has returned.
 
+    Until the CRC-32C kernel has loaded (`kernel`, on its own thread) units are copied unchecksummed: once
+    written they wait in `deferred`, and once the kernel is there a checksum thread computes their CRC-32C
+    from the same bytes (the unit's blob, or its input ranges read again) and they are journaled then, so
+    the journal's rule holds: a unit is journaled, with its checksum, only after its bytes were written.
+
     Why: a fresh `bytes` per read, a join per record and a write per unit cost as much as the copy
     itself, and reading, writing and the disk's writeback done one after the other add up; preadv into
     a reused buffer, one large write and writeback started per batch overlap them (all release the GIL).
     A unit larger than a buffer streams through the buffers in pieces, journaled after its last one.
+    (`copy_file_range` instead of the buffers measured no faster for records on the dev VM: 2.6–3.0 s
+    against 2.7–3.0 s for 1 GB, alternating, the disk deciding.)
     """
 
-    def __init__(self, fd: int, fds: list[int], align: int, done: Callable[[int, int, int], None]) -> None:
-        self.fd, self.fds, self.align, self.done = fd, fds, align, done
+    def __init__(self, fd: int, fds: list[int], align: int, done: Callable[[int, int, int], None],
+                 kernel: _KernelLoad | None = None) -> None:
+        self.fd, self.fds, self.align, self.done, self.kernel = fd, fds, align, done, kernel
         self.bufs = [memoryview(bytearray(CHUNK // 2)) for _ in range(2)]
         self.cur = 0
         self.start = self.used = 0
-        self.pending: list[tuple[int, int, int]] = []  # (unit, CRC-32C, bytes) of the current buffer
-        self.inflight: list[tuple[Future, list[tuple[int, int, int]]] | None] = [None, None]
+        # (unit, CRC-32C or None until the kernel is there, bytes, the unit) of the current buffer
+        self.pending: list[tuple[int, int | None, int, Unit]] = []
+        self.inflight: list[tuple[Future, list[tuple[int, int | None, int, Unit]]] | None] = [None, None]
+        self.deferred: list[tuple[int, Unit]] = []  # written, not yet checksummed
+        self.checking: deque[tuple[int, int, Future]] = deque()  # (unit, bytes, its CRC-32C to come)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="k2conv-write")
+        self.crc_pool = ThreadPoolExecutor(1, thread_name_prefix="k2conv-crc")
+        self.crc_buf = memoryview(bytearray(CHUNK))  # the checksum thread's
 
     def _fill(self, u: Unit, view: memoryview) -> None:
         if u.blob is not None:
@@ -514,7 +567,7 @@ class _Batcher:
         view = self.bufs[self.cur][self.used : self.used + n]
         self._fill(u, view)
         self.bufs[self.cur][self.used + n : self.used + end] = bytes(end - n)  # a resumed file may hold old bytes
-        self.pending.append((i, crc32c(view), n))
+        self.pending.append((i, crc32c(view) if self._ready() else None, n, u))
         self.used += end
         if _TEST_DELAY:  # slowed for the kill tests: one unit per write, so kills land between journaled units
             self.flush()
@@ -522,7 +575,8 @@ class _Batcher:
     def _large(self, i: int, u: Unit, pos: int) -> None:
         size = len(self.bufs[0])
         pieces: list[Src | None] = [None] if u.blob is not None else list(u.sources)  # None: the blob
-        crc, at, left = 0, pos, u.nbytes
+        crc: int | None = 0 if self._ready() else None
+        at, left = pos, u.nbytes
         for src in pieces:
             nbytes = src.nbytes if src is not None else u.nbytes
             for k in range(0, nbytes, size):
@@ -532,13 +586,14 @@ class _Batcher:
                     _read_into(self.fds[src.file], view, src.offset + k)
                 else:
                     view[:] = memoryview(u.blob)[k : k + m]  # type: ignore[arg-type]
-                crc = crc32c(view, crc)
+                if crc is not None:
+                    crc = crc32c(view, crc)
                 left -= m
                 self.start, self.used = at, m
                 if not left:  # its padding is written before the unit can be journaled
                     if pad(u.nbytes, self.align) > u.nbytes:
                         _pwrite_all(self.fd, bytes(pad(u.nbytes, self.align) - u.nbytes), at + m)
-                    self.pending = [(i, crc, u.nbytes)]
+                    self.pending = [(i, crc, u.nbytes, u)]
                 self.flush()
                 at += m
 
@@ -546,15 +601,47 @@ class _Batcher:
         _pwrite_all(self.fd, view, offset)
         start_writeback(self.fd, offset, len(view))
 
+    def _ready(self) -> bool:
+        return self.kernel is None or self.kernel.ready.is_set()
+
     def _take(self, k: int) -> None:
-        """Wait for buffer k's write, then journal its units."""
+        """Wait for buffer k's write, then journal its units (those without a checksum yet: once they have one)."""
         job, self.inflight[k] = self.inflight[k], None
         if job is not None:
             fut, units = job
             fut.result()
             _pause(0.5)
-            for i, crc, n in units:
-                self.done(i, crc, n)
+            for i, crc, n, u in units:
+                if crc is None:
+                    self.deferred.append((i, u))
+                else:
+                    self.done(i, crc, n)
+        self._check()
+
+    def _checksum(self, u: Unit) -> int:
+        """CRC-32C of unit u's bytes, from memory or read again from the input (the checksum thread's)."""
+        if u.blob is not None:
+            return crc32c(u.blob)
+        crc = 0
+        for s in u.sources:
+            for at in range(0, s.nbytes, CHUNK):
+                view = self.crc_buf[: min(CHUNK, s.nbytes - at)]
+                _read_into(self.fds[s.file], view, s.offset + at)
+                crc = crc32c(view, crc)
+        return crc
+
+    def _check(self, wait: bool = False) -> None:
+        """Once the kernel is there, hand the written units still without a checksum to the checksum thread;
+        journal those whose checksum is known, in order (`wait`: all of them)."""
+        if self.deferred and (wait or self._ready()):
+            if self.kernel is not None:
+                self.kernel.wait()
+            for i, u in self.deferred:
+                self.checking.append((i, u.nbytes, self.crc_pool.submit(self._checksum, u)))
+            self.deferred = []
+        while self.checking and (wait or self.checking[0][2].done()):
+            i, n, fut = self.checking.popleft()
+            self.done(i, fut.result(), n)
 
     def flush(self) -> None:
         """Hand the gathered units to the writer; journal what the other buffer held once it is written."""
@@ -568,12 +655,14 @@ class _Batcher:
         self._take(self.cur)
 
     def drain(self) -> None:
-        """Everything gathered written and journaled."""
+        """Everything gathered written, checksummed and journaled."""
         self.flush()
         self._take(self.cur ^ 1)
+        self._check(wait=True)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.crc_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _crc_at(fd: int, offset: int, n: int) -> int | None:
@@ -714,7 +803,9 @@ def relayout(inputs: list[Path], out: Path, align: int = DEFAULT_ALIGN, order: s
             _estimate(plan, inputs, report)
         return report
 
-    crc32c(b"\0" * 16)  # import numba and load the kernel now, not between the journal and the first unit
+    kernel = _KernelLoad()  # numba and the CRC-32C kernel load while the first units are copied
+    if _TEST_DELAY:  # the slowed kill tests time their write phase in a warm process: loaded before, as there
+        kernel.wait()
     temp = temp_path(out)
     jpath = temp.with_name(temp.name + ".journal")
     options = {"align": align, "order": order, "compress": str(compression) if compression else None}
@@ -735,12 +826,15 @@ def relayout(inputs: list[Path], out: Path, align: int = DEFAULT_ALIGN, order: s
             fd = os.open(temp, os.O_RDWR)
             known = {i: (crc, journal.sizes[i]) for i, crc in journal.finished.items()
                      if 0 <= i < len(units) and i in journal.sizes}
+            kernel.wait()  # the finished units are checked before anything is copied
         else:
             jpath.unlink(missing_ok=True)
             fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             journal = new
             journal.create()
             known = {}
+        if compression is not None:
+            kernel.wait()  # the compressing threads checksum from the first record on
         comp = _Compressor(units, [i for i in range(plan.first_record, len(units)) if i not in known], fds,
                            compression) if compression is not None else None
         batch: _Batcher | None = None
@@ -758,7 +852,7 @@ def relayout(inputs: list[Path], out: Path, align: int = DEFAULT_ALIGN, order: s
                 if _after_unit is not None:
                     _after_unit(i)
 
-            batch = _Batcher(fd, fds, align, finished)
+            batch = _Batcher(fd, fds, align, finished, kernel)
             pos, reusable = plan.data_start, True
             for i, u in enumerate(units):
                 u.offset = pos
@@ -787,6 +881,7 @@ def relayout(inputs: list[Path], out: Path, align: int = DEFAULT_ALIGN, order: s
                     batch.add(i, u, pos)
                 pos = u.offset + pad(u.stored, align)
             batch.drain()
+            kernel.wait()
             os.ftruncate(fd, pos)  # the last unit's padding too, as llama.cpp expects; drops stale bytes
             _pwrite_all(fd, plan.header(crcs), 0)
             os.fsync(fd)
@@ -869,8 +964,9 @@ def is_relayout(path: Path) -> bool:
     return len(head) == 24 + len(want) and head[:4] == struct.pack("<I", GGUF_MAGIC) and head[24:] == want
 
 
-def read_layout(reader: GGUFReader, path: Path) -> Layout:
-    """The layout metadata of an opened relayout file, checked against the file before anything trusts it.
+def read_layout(reader: GGUFReader | GGUFLayout, path: Path) -> Layout:
+    """The layout metadata of an opened relayout file (gguf's GGUFReader, or gguf_scan's GGUFLayout with its
+    map open), checked against the file before anything trusts it.
 
     The file may be damaged or hostile: every count, offset and name the records, the index and a
     restore rely on is validated here, so later code indexes and reads only what exists.
@@ -885,28 +981,59 @@ def read_layout(reader: GGUFReader, path: Path) -> Layout:
     return layout
 
 
-def _parse_layout(reader: GGUFReader, path: Path) -> Layout:
-    f = reader.fields
-    version = f[KEY_VERSION].contents()
+class _Values:
+    """KV values of a GGUF header, from gguf's GGUFReader or from gguf_scan's GGUFLayout (map open):
+    `value` a scalar or a string, `numbers` an array of numbers as a list; KeyError when absent."""
+
+    def __init__(self, reader: GGUFReader | GGUFLayout) -> None:
+        self.reader = reader
+
+    def __contains__(self, key: str) -> bool:
+        r = self.reader
+        return key in (r.kv if isinstance(r, GGUFLayout) else r.fields)
+
+    def value(self, key: str) -> object:
+        r = self.reader
+        if not isinstance(r, GGUFLayout):
+            return r.fields[key].contents()
+        kv = r.kv[key]
+        if kv.vtype == GGUFValueType.ARRAY:
+            raise TypeError(f"{key} is an array, not a single value")
+        return r.string(key) if kv.vtype == GGUFValueType.STRING else r.scalar(key)
+
+    def numbers(self, key: str) -> list:
+        r = self.reader
+        if not isinstance(r, GGUFLayout):
+            f = r.fields[key]
+            return list(f.contents()) if f.data else []
+        a = r.array(key)
+        if a is None:
+            raise TypeError(f"{key} is not an array of numbers") if key in r.kv else KeyError(key)
+        return a.tolist()
+
+
+def _parse_layout(reader: GGUFReader | GGUFLayout, path: Path) -> Layout:
+    f = _Values(reader)
+    version = f.value(KEY_VERSION)
     if version not in READ_VERSIONS:
         raise K2ConvError(f"{path}: relayout version {version}, this k2conv reads {', '.join(map(str, READ_VERSIONS))}")
-    layers = [int(x) for x in f[KEY_LAYERS].contents()] if f[KEY_LAYERS].data else []
-    sizes = [int(x) for x in f[KEY_RECORD_BYTES].contents()] if f[KEY_RECORD_BYTES].data else []
-    offsets = np.array(f[KEY_OFFSETS].contents() if f[KEY_OFFSETS].data else [], dtype=np.uint64)
+    layers = [int(x) for x in f.numbers(KEY_LAYERS)]
+    sizes = [int(x) for x in f.numbers(KEY_RECORD_BYTES)]
+    offsets = np.array(f.numbers(KEY_OFFSETS), dtype=np.uint64)
     compression, stored = None, None
     if version == LAYOUT_VERSION_ZSTD:
-        if KEY_COMPRESSION not in f or KEY_STORED not in f or f[KEY_COMPRESSION].contents() != "zstd":
+        if KEY_COMPRESSION not in f or KEY_STORED not in f or f.value(KEY_COMPRESSION) != "zstd":
             raise K2ConvError(f"{path}: relayout version 2 without zstd {KEY_COMPRESSION} and {KEY_STORED}")
         compression = "zstd"
-        stored = np.array(f[KEY_STORED].contents() if f[KEY_STORED].data else [], dtype=np.uint64)
+        stored = np.array(f.numbers(KEY_STORED), dtype=np.uint64)
         if len(stored) != len(offsets):
             raise K2ConvError(f"{path}: {KEY_STORED} has {len(stored)} entries for {len(offsets)} records")
     if len(sizes) != len(layers) or len(set(layers)) != len(layers):
         raise K2ConvError(f"{path}: {len(sizes)} record sizes for {len(layers)} layers (or a layer listed twice)")
-    index = json.loads(f[KEY_INDEX].contents())
+    index = json.loads(f.value(KEY_INDEX))  # type: ignore[arg-type]
     if not isinstance(index, dict):
         raise ValueError("the index is not a JSON object")
-    return Layout(path, int(f[KEY_N_EXPERT].contents()), layers, dict(zip(layers, sizes)), offsets, index,
+    return Layout(path, int(f.value(KEY_N_EXPERT)), layers, dict(zip(layers, sizes)), offsets, index,  # type: ignore[call-overload]
                   compression, stored)
 
 
@@ -914,7 +1041,7 @@ def _is_int(x: object, lo: int = 0, hi: int = 1 << 62) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
 
-def _check_layout(lay: Layout, reader: GGUFReader, path: Path) -> None:
+def _check_layout(lay: Layout, reader: GGUFReader | GGUFLayout, path: Path) -> None:
     """Raise K2ConvError unless every record, part and restore instruction lies inside this file."""
     size = path.stat().st_size
     names = {t.name for t in reader.tensors}
@@ -967,6 +1094,17 @@ def open_layout(path: Path) -> tuple[GGUFReader, Layout]:
     return reader, read_layout(reader, path)
 
 
+def _open_layout_scanned(path: Path) -> tuple[GGUFLayout, Layout]:
+    """open_layout without GGUFReader (which takes seconds on a 160k vocabulary): the scanned header, map closed."""
+    header = scan_file(path)
+    try:
+        if KEY_VERSION not in header.kv:
+            raise K2ConvError(f"{path}: not a relayout file")
+        return header, read_layout(header, path)
+    finally:
+        header.buf.close()  # type: ignore[attr-defined]
+
+
 def restore_paths(out: Path, count: int) -> list[Path]:
     """Where `restore` writes: `out` itself, or for a split set `STEM-0000i-of-0000n.gguf` beside it."""
     if count == 1:
@@ -983,8 +1121,8 @@ def restore(inp: Path, out: Path) -> list[Path]:
     expert slices of whichever original file held that `_exps` tensor.
     """
     inp, out = Path(inp), Path(out)
-    reader, lay = open_layout(inp)
-    tensors = {t.name: t for t in reader.tensors}
+    header, lay = _open_layout_scanned(inp)
+    tensors = {t.name: t for t in header.tensors}
     exps = {p["name"] for layer in lay.index["layers"] for p in lay.index["layers"][layer]["parts"]}
     paths = restore_paths(out, len(lay.index["files"]))
     where: dict[str, tuple[int, int]] = {}  # original _exps tensor → (output fd, its offset there)
@@ -996,20 +1134,20 @@ def restore(inp: Path, out: Path) -> list[Path]:
             fds.append(fd)
             os.ftruncate(fd, spec["size"])  # zero gaps come for free
             h = tensors[spec["header"]]
-            for at in range(0, h.n_bytes, CHUNK):
-                _pwrite_all(fd, _pread_all(fd_in, min(CHUNK, h.n_bytes - at), h.data_offset + at), at, True)
+            for at in range(0, h.nbytes, CHUNK):
+                _pwrite_all(fd, _pread_all(fd_in, min(CHUNK, h.nbytes - at), h.offset + at), at, True)
             if spec["gap_blob"]:
                 g = tensors[spec["gap_blob"]]
                 for pos, n, blob_at in spec["gaps"]:
                     if blob_at >= 0:
-                        _pwrite_all(fd, _pread_all(fd_in, n, g.data_offset + blob_at), pos)
+                        _pwrite_all(fd, _pread_all(fd_in, n, g.offset + blob_at), pos)
             for name, off, n in spec["tensors"]:
                 if name in exps:
                     where[name] = (fd, off)
                     continue
                 t = tensors[name]
                 for at in range(0, n, CHUNK):
-                    _pwrite_all(fd, _pread_all(fd_in, min(CHUNK, n - at), t.data_offset + at), off + at, True)
+                    _pwrite_all(fd, _pread_all(fd_in, min(CHUNK, n - at), t.offset + at), off + at, True)
         slots = sorted((lay.record(layer, e)[0], layer, e) for layer in lay.layers for e in range(lay.n_expert))
         for _, layer, e in slots:
             offset, size = lay.record(layer, e)

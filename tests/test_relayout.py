@@ -354,3 +354,52 @@ def test_small_batch_buffers_give_the_same_file_and_resume_mid_batch(ggufs, tmp_
     rep = relayout(inputs, out, 4096)
     assert rep.resumed_units >= 8 and sha(out) == sha(clean)
     assert verify_integrity([out]).ok
+
+
+def test_units_copied_before_the_crc_kernel_loads_are_checksummed_later_and_resume(ggufs, tmp_path: Path,
+                                                                                    monkeypatch) -> None:  # fmt: skip
+    """A fresh process copies while numba loads (rl._KernelLoad): those units are journaled only once the
+    deferred checksum thread has their CRC. Slowed load: every unit takes that path; same file, checksums
+    verify, and a run stopped while the deferred units are being journaled resumes to the same bytes."""
+    import time
+
+    import k2conv.layouts.relayout as rl
+
+    inputs = ggufs("Q4_K_M")
+    clean = tmp_path / "clean.gguf"
+    relayout(inputs, clean, 4096)
+    load, checksum = rl._KernelLoad._load, rl._Batcher._checksum
+    deferred: list[int] = []
+
+    def slow_load(self) -> None:  # the copy of this small file finishes before the "kernel" is there
+        time.sleep(1.0)
+        load(self)
+
+    def counted(self, u):
+        deferred.append(u.nbytes)
+        return checksum(self, u)
+
+    monkeypatch.setattr(rl._KernelLoad, "_load", slow_load)
+    monkeypatch.setattr(rl._Batcher, "_checksum", counted)
+    monkeypatch.setattr(rl._KernelLoad, "loaded", False)
+    late = tmp_path / "late.gguf"
+    relayout(inputs, late, 4096)
+    assert len(deferred) > 10 and sha(late) == sha(clean) and verify_integrity([late]).ok
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(i: int) -> None:
+        if i == 5:
+            raise Stop
+
+    deferred.clear()
+    monkeypatch.setattr(rl._KernelLoad, "loaded", False)
+    monkeypatch.setattr(rl, "_after_unit", stop_at)
+    out = tmp_path / "stopped.gguf"
+    with pytest.raises(Stop):
+        relayout(inputs, out, 4096)
+    assert deferred and not out.exists()
+    monkeypatch.setattr(rl, "_after_unit", None)
+    rep = relayout(inputs, out, 4096)
+    assert rep.resumed_units >= 1 and sha(out) == sha(clean) and verify_integrity([out]).ok
