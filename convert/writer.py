@@ -203,28 +203,30 @@ _CHECKSUMS = True  # False only for `write_plan(integrity=False)` (benchmarks); 
 _CRC_THREAD: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): one per process, made after fork
 
 
-def _write_and_checksum(sink: _Sink, t: PlannedTensor, offset: int, data: np.ndarray, inline: bool = False) -> int:
+def _write_and_checksum(sink: _Sink, t: PlannedTensor, offset: int, data: np.ndarray, crc: int | None = None,
+                        inline: bool = False) -> int:  # fmt: skip
     """pwrite the unit while a second thread computes its CRC-32C; returns the CRC (0 when off).
 
     Both release the GIL, and pwrite often waits (dirty-page throttling while the disk catches up),
-    so the checksum mostly costs no wall time; on a CPU with every core busy it costs ~0.2 ns/byte.
-    `inline`: checksum first, then write, in this thread (the single-process writer thread, which is
-    already off the critical path: a third thread would only take CPU from the producing one).
+    so the checksum mostly costs no wall time; on a CPU with every core busy it costs ~0.1 ns/byte.
+    `crc`: already computed by the caller, only written here. `inline`: checksum, then write, in this
+    thread (the single-process writer thread: a third thread would only take CPU from the producer).
     """
     global _CRC_THREAD
     flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    if not _CHECKSUMS:
-        sink.write(t, offset, flat)
-        return 0
-    if inline:
-        crc = crc32c(flat)
+    if not _CHECKSUMS or crc is not None or inline:
+        crc = (crc if crc is not None else crc32c(flat)) if _CHECKSUMS else 0
         sink.write(t, offset, flat)
         return crc
     if _CRC_THREAD is None or _CRC_THREAD[0] != os.getpid():
         _CRC_THREAD = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="k2conv-crc"))
-    crc = _CRC_THREAD[1].submit(crc32c, flat)
+    future = _CRC_THREAD[1].submit(crc32c, flat)
     sink.write(t, offset, flat)
-    return crc.result()
+    return future.result()
+
+
+def _checksum(data: np.ndarray) -> int:
+    return crc32c(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if _CHECKSUMS else 0
 
 
 _Made = tuple[int, Unit, int, np.ndarray, list[str]]  # (unit index, unit, offset in tensor, bytes, warnings)
@@ -247,14 +249,14 @@ def _make_unit(job: tuple[int, Unit]) -> _Made:
     return index, unit, offset, data, warnings
 
 
-def _store_unit(made: _Made, inline_crc: bool = False) -> tuple[int, int, int, list[str]]:
-    """Write and checksum one produced unit, then let go of its source pages;
-    (unit index, bytes, CRC-32C of the bytes, warnings)."""
+def _store_unit(made: _Made, crc: int | None = None, inline: bool = False) -> tuple[int, int, int, list[str]]:
+    """Write and checksum (unless `crc` is given; `inline`: see _write_and_checksum) one produced unit,
+    then let go of its source pages; (unit index, bytes, CRC-32C of the bytes, warnings)."""
     assert _WORKER is not None
     ckpt, plan, _, sink = _WORKER
     index, unit, offset, data, warnings = made
     t = plan.tensors[unit.tensor]
-    crc = _write_and_checksum(sink, t, offset, data, inline_crc)
+    crc = _write_and_checksum(sink, t, offset, data, crc, inline)
     for w in t.sources if t.kind != EXPERTS else (t.sources[unit.expert],):
         ckpt.release(w)  # after the write: produced bytes may still be views of the mapped source
     return index, data.nbytes, crc, warnings
@@ -266,17 +268,22 @@ def _run_unit(job: tuple[int, Unit]) -> tuple[int, int, int, list[str]]:
 
 
 def _pipelined(jobs: list[tuple[int, Unit]]) -> Iterator[tuple[int, int, int, list[str]]]:
-    """One process: a writer thread stores unit N (pwrite + CRC, both GIL-free) while this thread
-    produces unit N+1, so writing and checksumming leave the critical path whenever a second core is
-    free. At most two units' bytes are alive; a result is yielded (and journaled) only once stored."""
+    """One process: a writer thread stores unit N (pwrite, GIL-free) while this thread produces unit
+    N+1, so writing leaves the critical path whenever a second core is free. The CRC-32C goes to
+    whichever side has slack: when the writer is still busy with N once N+1 is made (the disk
+    decides: q4_0-native), this thread checksums N+1 before handing it over, else (the CPU decides:
+    q8_0) the writer does, inline. At most two units' bytes are alive; a result is yielded (and
+    journaled) only once stored."""
     with ThreadPoolExecutor(1, thread_name_prefix="k2conv-write") as writer:
         inflight: Future | None = None
         try:
             for job in jobs:
                 made = _make_unit(job)
+                writer_busy = inflight is not None and not inflight.done()
+                crc = _checksum(made[3]) if writer_busy else None
                 if inflight is not None:
                     yield inflight.result()
-                inflight = writer.submit(_store_unit, made, True)
+                inflight = writer.submit(_store_unit, made, crc, True)
             if inflight is not None:
                 yield inflight.result()
                 inflight = None
