@@ -203,30 +203,34 @@ _CHECKSUMS = True  # False only for `write_plan(integrity=False)` (benchmarks); 
 _CRC_THREAD: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): one per process, made after fork
 
 
-def _write_and_checksum(sink: _Sink, t: PlannedTensor, offset: int, data: np.ndarray, crc: int | None = None,
-                        inline: bool = False) -> int:  # fmt: skip
-    """pwrite the unit while a second thread computes its CRC-32C; returns the CRC (0 when off).
-
-    Both release the GIL, and pwrite often waits (dirty-page throttling while the disk catches up),
-    so the checksum mostly costs no wall time; on a CPU with every core busy it costs ~0.1 ns/byte.
-    `crc`: already computed by the caller, only written here. `inline`: checksum, then write, in this
-    thread (the single-process writer thread: a third thread would only take CPU from the producer).
-    """
-    global _CRC_THREAD
-    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    if not _CHECKSUMS or crc is not None or inline:
-        crc = (crc if crc is not None else crc32c(flat)) if _CHECKSUMS else 0
-        sink.write(t, offset, flat)
-        return crc
-    if _CRC_THREAD is None or _CRC_THREAD[0] != os.getpid():
-        _CRC_THREAD = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="k2conv-crc"))
-    future = _CRC_THREAD[1].submit(crc32c, flat)
-    sink.write(t, offset, flat)
-    return future.result()
+def _flat(data: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
 
 def _checksum(data: np.ndarray) -> int:
-    return crc32c(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if _CHECKSUMS else 0
+    return crc32c(_flat(data)) if _CHECKSUMS else 0
+
+
+def _write_and_checksum(sink: _Sink, t: PlannedTensor, offset: int, data: np.ndarray, crc: int | None = None,
+                        threaded: bool = False) -> int:  # fmt: skip
+    """pwrite the unit and return its CRC-32C (0 when off): `crc` when the caller computed it, else
+    computed here first, or with `threaded` (worker processes) on a second thread during the pwrite.
+
+    Both release the GIL, and pwrite often waits (dirty-page throttling while the disk catches up),
+    so a threaded checksum mostly costs no wall time. The single-process writer thread checksums
+    inline: a third thread would only take CPU from the producer.
+    """
+    global _CRC_THREAD
+    flat = _flat(data)
+    if _CHECKSUMS and crc is None and threaded:
+        if _CRC_THREAD is None or _CRC_THREAD[0] != os.getpid():
+            _CRC_THREAD = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="k2conv-crc"))
+        future = _CRC_THREAD[1].submit(crc32c, flat)
+        sink.write(t, offset, flat)
+        return future.result()
+    crc = crc if crc is not None else _checksum(flat)
+    sink.write(t, offset, flat)
+    return crc
 
 
 _Made = tuple[int, Unit, int, np.ndarray, list[str]]  # (unit index, unit, offset in tensor, bytes, warnings)
@@ -249,14 +253,14 @@ def _make_unit(job: tuple[int, Unit]) -> _Made:
     return index, unit, offset, data, warnings
 
 
-def _store_unit(made: _Made, crc: int | None = None, inline: bool = False) -> tuple[int, int, int, list[str]]:
-    """Write and checksum (unless `crc` is given; `inline`: see _write_and_checksum) one produced unit,
-    then let go of its source pages; (unit index, bytes, CRC-32C of the bytes, warnings)."""
+def _store_unit(made: _Made, crc: int | None = None, threaded: bool = False) -> tuple[int, int, int, list[str]]:
+    """Write and checksum (unless `crc` is given; see _write_and_checksum) one produced unit, then let
+    go of its source pages; (unit index, bytes, CRC-32C of the bytes, warnings)."""
     assert _WORKER is not None
     ckpt, plan, _, sink = _WORKER
     index, unit, offset, data, warnings = made
     t = plan.tensors[unit.tensor]
-    crc = _write_and_checksum(sink, t, offset, data, crc, inline)
+    crc = _write_and_checksum(sink, t, offset, data, crc, threaded)
     for w in t.sources if t.kind != EXPERTS else (t.sources[unit.expert],):
         ckpt.release(w)  # after the write: produced bytes may still be views of the mapped source
     return index, data.nbytes, crc, warnings
@@ -264,7 +268,7 @@ def _store_unit(made: _Made, crc: int | None = None, inline: bool = False) -> tu
 
 def _run_unit(job: tuple[int, Unit]) -> tuple[int, int, int, list[str]]:
     """Produce and write one unit (a worker process's task)."""
-    return _store_unit(_make_unit(job))
+    return _store_unit(_make_unit(job), threaded=True)
 
 
 def _pipelined(jobs: list[tuple[int, Unit]]) -> Iterator[tuple[int, int, int, list[str]]]:
@@ -283,7 +287,7 @@ def _pipelined(jobs: list[tuple[int, Unit]]) -> Iterator[tuple[int, int, int, li
                 crc = _checksum(made[3]) if writer_busy else None
                 if inflight is not None:
                     yield inflight.result()
-                inflight = writer.submit(_store_unit, made, crc, True)
+                inflight = writer.submit(_store_unit, made, crc)
             if inflight is not None:
                 yield inflight.result()
                 inflight = None

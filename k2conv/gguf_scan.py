@@ -48,11 +48,6 @@ _SCALAR_FORMAT = {
     GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
     GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }  # fmt: skip
-_NUMPY_DTYPE = {
-    GGUFValueType.UINT8: "u1", GGUFValueType.INT8: "i1", GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
-    GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4", GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?",
-    GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
-}  # fmt: skip
 
 
 class Buffer(Sized, Protocol):
@@ -165,18 +160,16 @@ class GGUFLayout:
     def u32_array(self, key: str) -> np.ndarray | None:
         """A UINT32 ARRAY value as a little-endian numpy copy, or None when absent or of another type."""
         kv = self.kv.get(key)
-        if kv is None or kv.vtype != GGUFValueType.ARRAY or kv.itype != GGUFValueType.UINT32:
-            return None
-        return np.frombuffer(bytes(self.buf[kv.value_at : kv.value_at + 4 * kv.count]), dtype="<u4").copy()
+        return self.array(key) if kv is not None and kv.itype == GGUFValueType.UINT32 else None
 
     def array(self, key: str) -> np.ndarray | None:
         """An ARRAY of numbers or bools (any scalar element type) as a numpy copy, or None when absent or not one."""
         kv = self.kv.get(key)
-        if kv is None or kv.vtype != GGUFValueType.ARRAY or kv.itype not in _NUMPY_DTYPE:
+        if kv is None or kv.vtype != GGUFValueType.ARRAY or kv.itype not in _SCALAR_FORMAT:
             return None
         width = SCALAR_SIZE[kv.itype]
         data = bytes(self.buf[kv.value_at : kv.value_at + width * kv.count])
-        return np.frombuffer(data, dtype=_NUMPY_DTYPE[kv.itype]).copy()
+        return np.frombuffer(data, dtype=_SCALAR_FORMAT[kv.itype]).copy()  # struct codes are numpy's too
 
 
 _U64 = struct.Struct("<Q")
