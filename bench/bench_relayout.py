@@ -10,7 +10,8 @@ just written or read once), so the figure compares the copy paths, not the disk'
 fsynced, as relayout does, so the disk's write speed is in both.
 
 The headline is the whole `k2conv relayout` process (a fresh interpreter: imports, header parsing, numba's
-import and the CRC-32C kernel's load, the copy, fsync and rename) against `cp` + fsync, alternating. Beside it:
+import and the CRC-32C kernel's load, the copy, fsync and rename) and the whole `k2conv relayout --restore`
+process (back to the original layout, from a relayout of the input) against `cp` + fsync, in rotation. Beside it:
 the copy alone (`relayout()` in this warm process), and the start-up alone: `k2conv relayout` of a tiny GGUF
 with the same header (median of 5 fresh processes), where no copy is long enough to hide the kernel's load.
 """
@@ -126,31 +127,32 @@ def main() -> None:
         def rl_warm() -> None:
             relayout([src], work / "rl.gguf", args.align)
 
-        peak = [0]
+        def back_process() -> float:
+            seconds, rss = process([*K2CONV, "relayout", "--restore", str(work / "rl-in.gguf"), str(work / "back.gguf")])
+            peak[1] = max(peak[1], rss)
+            return seconds
+
+        peak = [0, 0]
         relayout([tiny], work / "tiny-rl.gguf", args.align)  # this process: imports, kernel loaded, untimed
+        relayout([src], work / "rl-in.gguf", args.align)  # restore's input, kept for every round
         # the disk stays busy for a while after an fsync returns (a VM's host cache): whichever copy runs right
         # after another paid ~0.5 s per GB more on the dev VM. So each waits --settle s, all run --repeat times
         # in turn, the order rotating (cp rl warm, rl warm cp, ...), and the best of each counts
-        best = {"cp": float("inf"), "rl": float("inf"), "warm": float("inf")}
-        names = ["cp", "rl", "warm"]
+        runs = {"cp": lambda: timed(cp), "rl": rl_process, "warm": lambda: timed(rl_warm), "back": back_process}
+        best = dict.fromkeys(runs, float("inf"))
+        names = list(runs)
         for k in range(args.repeat):
-            for name in names[k % 3 :] + names[: k % 3]:
-                for f in ("cp.gguf", "rl.gguf"):
+            for name in names[k % 4 :] + names[: k % 4]:
+                for f in ("cp.gguf", "rl.gguf", "back.gguf"):
                     (work / f).unlink(missing_ok=True)
                 os.sync()
                 time.sleep(args.settle)
-                t = timed(cp) if name == "cp" else rl_process() if name == "rl" else timed(rl_warm)
-                best[name] = min(best[name], t)
+                best[name] = min(best[name], runs[name]())
         t_start = []
         for _ in range(5):  # start-up alone: the whole CLI on a tiny file with the same header
             (work / "tiny-rl.gguf").unlink(missing_ok=True)
             t_start.append(process([*K2CONV, "relayout", str(tiny), str(work / "tiny-rl.gguf")])[0])
-        if not (work / "rl.gguf").exists():  # cp ran last, and removed it
-            rl_warm()
-        os.sync()
-        time.sleep(args.settle)
-        t_back, rss_back = process([*K2CONV, "relayout", "--restore", str(work / "rl.gguf"), str(work / "back.gguf")])
-        t_cp, t_rl, t_warm = best["cp"], best["rl"], best["warm"]
+        t_cp, t_rl, t_warm, t_back = best["cp"], best["rl"], best["warm"], best["back"]
         gb = size / 1e9
         print(f"input {size:,} B, align {args.align}, vocab {args.vocab if not args.gguf else 'of the file'}")
         print("| run | s | GB/s | vs cp |\n|---|---|---|---|")
@@ -160,7 +162,7 @@ def main() -> None:
         print(f"| `k2conv relayout --restore`, whole process | {t_back:.2f} | {gb / t_back:.2f} | {t_cp / t_back:.2f} |")
         print(f"start-up (`k2conv relayout` of a {tiny.stat().st_size / 1e6:.0f} MB file with this header, median of 5): "
               f"{statistics.median(t_start):.2f} s (min {min(t_start):.2f}, max {max(t_start):.2f})")
-        print(f"peak RSS: relayout {peak[0] / 2**20:.0f} MiB, restore {rss_back / 2**20:.0f} MiB, "
+        print(f"peak RSS: relayout {peak[0] / 2**20:.0f} MiB, restore {peak[1] / 2**20:.0f} MiB, "
               f"this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
