@@ -10,8 +10,11 @@ Why folding: Zen 1 (the project's 2-core AMD EPYC dev machine) issues one crc32 
 many streams there are: 5.5–6 GB/s per core, 3.4–5.6 % of a conversion's CPU time. pclmulqdq
 multiplies 64×64-bit polynomials over GF(2) and folding needs two per 16 bytes: on Zen 1 9–9.2 GB/s
 per core on a 64 MiB buffer, ~10 GB/s in cache, 1.6–1.7× the three crc32 streams
-(bench/bench_crc32c.py). A crc32 stream beside the pclmul lanes in the same loop (other execution
-units, in theory) was no faster in cache and slower out of it on Zen 1, so the loop is pclmul only.
+(bench/bench_crc32c.py). crc32 streams beside the pclmul lanes in the same loop (other execution
+units, in theory) were measured twice on Zen 1: 1–3 streams of 1–4 words per 128-byte block, grouped or
+spread between the folds, 0.98–1.03x; table-lookup streams 0.82x. There crc32 and pclmulqdq share one
+bottleneck (~10 GB/s together), so the loop is pclmul only; CPUs that issue both each cycle (Intel, Zen 3+)
+might gain from such a hybrid, unmeasured here.
 Cores that issue one crc32 and one pclmulqdq per cycle (Intel, Zen 3+) should run three streams and
 this fold at about the same 8 bytes per cycle (not measured here).
 
