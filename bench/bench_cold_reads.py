@@ -36,7 +36,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 
-from k2conv.layouts.relayout import read_layout, relayout
+from k2conv.layouts.relayout import open_layout, relayout
 
 PAGE = 4096
 PROJS = ("gate", "up", "down")
@@ -95,7 +95,7 @@ def original_spans(path: Path) -> dict[tuple[int, int], Spans]:
 
 def relayout_spans(path: Path) -> dict[tuple[int, int], Spans]:
     """(layer, expert) → the one record of a relayout file (O(1) lookup from its metadata)."""
-    layout = read_layout(GGUFReader(path), path)
+    _, layout = open_layout(path)
     return {(layer, e): Spans(path, [layout.record(layer, e)]) for layer in layout.layers for e in range(layout.n_expert)}
 
 

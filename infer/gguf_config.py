@@ -16,6 +16,7 @@ import numpy as np
 
 from k2conv.convert.config import ModelConfig
 from k2conv.errors import K2ConvError
+from k2conv.gguf_scan import GGUFLayout
 
 ARCH = "deepseek2"
 _GATING = {1: "softmax", 2: "sigmoid"}
@@ -29,24 +30,15 @@ class GGUFConfig:
     missing: list[str] = field(default_factory=list)
 
 
-def field_value(fields: dict[str, Any], key: str) -> Any:
-    """A scalar/string/array GGUF field as a Python value, or None when absent."""
-    f = fields.get(key)
-    if f is None:
-        return None
-    value = f.contents()
-    return value
-
-
-def config_from_gguf(fields: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], where: str) -> GGUFConfig:
-    """Build the runner's ModelConfig from `GGUFReader.fields` and the tensors' numpy shapes."""
-    arch = field_value(fields, "general.architecture")
+def config_from_gguf(header: GGUFLayout, tensor_shapes: dict[str, tuple[int, ...]], where: str) -> GGUFConfig:
+    """Build the runner's ModelConfig from a scanned GGUF header (gguf_scan, map open) and the tensors' numpy shapes."""
+    arch = header.value("general.architecture")
     if arch != ARCH:
         raise K2ConvError(f"{where}: architecture {arch!r} is not {ARCH!r} (Kimi K2 / DeepSeek-V3)")
     missing: list[str] = []
 
     def get(key: str, default: Any = None, *, note: bool = False) -> Any:
-        v = field_value(fields, f"{ARCH}.{key}")
+        v = header.value(f"{ARCH}.{key}")
         if v is None:
             if default is None and not note:
                 raise K2ConvError(f"{where}: metadata key {ARCH}.{key} is missing")
@@ -62,15 +54,15 @@ def config_from_gguf(fields: dict[str, Any], tensor_shapes: dict[str, tuple[int,
     n_head = int(get("attention.head_count"))
     kv_lora = int(get("attention.kv_lora_rank"))
     rope_dim = int(get("rope.dimension_count"))
-    k_len = field_value(fields, f"{ARCH}.attention.key_length_mla")
-    v_len = field_value(fields, f"{ARCH}.attention.value_length_mla")
+    k_len = header.value(f"{ARCH}.attention.key_length_mla")
+    v_len = header.value(f"{ARCH}.attention.value_length_mla")
     if k_len is None or v_len is None:  # pre-MLA-cache conversions: per-head sizes in key/value_length
         k_len, v_len = get("attention.key_length"), get("attention.value_length")
     qk_head, v_head = int(k_len), int(v_len)
-    q_lora = field_value(fields, f"{ARCH}.attention.q_lora_rank")
+    q_lora = header.value(f"{ARCH}.attention.q_lora_rank")
 
     rope_scaling: dict[str, Any] | None = None
-    if field_value(fields, f"{ARCH}.rope.scaling.type") == "yarn":
+    if header.value(f"{ARCH}.rope.scaling.type") == "yarn":
         mscale_all_dim = f32(get("rope.scaling.yarn_log_multiplier", 0.0, note=True)) / 0.1
         mscale_all_dim = round(mscale_all_dim, 6)  # 0.1·x stored as float32; undo the rounding noise
         rope_scaling = {
@@ -83,15 +75,15 @@ def config_from_gguf(fields: dict[str, Any], tensor_shapes: dict[str, tuple[int,
             "mscale_all_dim": mscale_all_dim,
         }
     n_expert = int(get("expert_count", 0, note=True))
-    vocab = field_value(fields, f"{ARCH}.vocab_size")
+    vocab = header.value(f"{ARCH}.vocab_size")
     if vocab is None:
         vocab = tensor_shapes["token_embd.weight"][0]
 
     def tok(key: str) -> int | None:
-        v = field_value(fields, f"tokenizer.ggml.{key}")
+        v = header.value(f"tokenizer.ggml.{key}")
         return int(v) if v is not None else None
 
-    variant = field_value(fields, "general.source.k2conv.variant") or "gguf"
+    variant = header.value("general.source.k2conv.variant") or "gguf"
     cfg = ModelConfig(
         variant=str(variant),
         hidden_size=int(get("embedding_length")),

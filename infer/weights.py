@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, ReaderTensor
+from gguf import GGMLQuantizationType
 
 from k2conv.convert.checkpoint import Checkpoint
 from k2conv.convert.config import ModelConfig
 from k2conv.convert.hf_layout import LogicalWeight, stored_tensors
 from k2conv.convert.naming import expert_of, experts_name, gguf_name
 from k2conv.errors import K2ConvError
-from k2conv.gguf_scan import open_gguf_reader
+from k2conv.gguf_scan import GGUFLayout, TensorInfo, scan_file
 from k2conv.infer.dequant import dequantize
 from k2conv.infer.direct_io import pread_into
 from k2conv.infer.gguf_config import config_from_gguf
@@ -145,16 +145,37 @@ def split_paths(path: Path) -> list[Path]:
     return paths
 
 
+@dataclass(frozen=True)
+class MappedTensor:
+    """One tensor of an open GGUF: where it lives and its bytes, a read-only view of the file's map shaped
+    (*shape[:-1], bytes per row), so a row or an expert is an index whatever the type."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order (ggml's ne reversed)
+    offset: int  # absolute, in its file
+    nbytes: int
+    raw: np.ndarray  # uint8
+
+    @classmethod
+    def of(cls, header: GGUFLayout, t: TensorInfo) -> MappedTensor:
+        return cls(t.name, t.qtype, tuple(reversed(t.ne)), t.offset, t.nbytes, header.tensor_bytes(t))
+
+
 class GGUFSource(WeightSource):
-    """One GGUF or a gguf-split set, memory-mapped by gguf.GGUFReader; dequantized with torch."""
+    """One GGUF or a gguf-split set, memory-mapped; dequantized with torch.
+
+    Headers are read by gguf_scan, not gguf.GGUFReader: the scan bounds-checks a file it did not write, and
+    opens K2's (160k-token tokenizer, ~1,100 tensors) in a fraction of a second where GGUFReader, building
+    numpy views per string, takes ~20 s and ~0.6 GiB."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.readers = [open_gguf_reader(p) for p in split_paths(self.path)]
-        self.tensors = {t.name: t for r in self.readers for t in r.tensors}
-        shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in self.tensors.items()}
+        self.headers = [scan_file(p) for p in split_paths(self.path)]
+        self.tensors = {t.name: MappedTensor.of(h, t) for h in self.headers for t in h.tensors}
+        shapes = {n: t.shape for n, t in self.tensors.items()}
         self.shapes = shapes
-        parsed = config_from_gguf(self.readers[0].fields, shapes, str(self.path))
+        parsed = config_from_gguf(self.headers[0], shapes, str(self.path))
         self.config = parsed.config
         self.notes = [f"{k} absent: llama.cpp's default used" for k in parsed.missing]
         self.stats = ReadStats()
@@ -166,7 +187,7 @@ class GGUFSource(WeightSource):
         t = self.tensors.get(name)
         if t is None:
             raise K2ConvError(f"{self.path}: tensor {name} is missing")
-        return t.data.view(np.uint8), t.tensor_type
+        return t.raw, t.qtype
 
     def _load(self, raw: np.ndarray, qtype: GGMLQuantizationType, device: torch.device | str) -> torch.Tensor:
         """Copy mapped bytes to the device, then dequantize there."""
@@ -188,11 +209,10 @@ class GGUFSource(WeightSource):
 
     def matrix(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor | PackedMatrix:
         t = self.tensors.get(name)
-        if t is None or torch.device(device).type != "cpu" or not packable(t.tensor_type) or len(self.shapes[name]) != 2:
+        if t is None or torch.device(device).type != "cpu" or not packable(t.qtype) or len(self.shapes[name]) != 2:
             return self.tensor(name, device)
-        raw = t.data.view(np.uint8)
-        self.stats.resident_bytes += raw.nbytes
-        return pack(raw, t.tensor_type, self.shapes[name])  # type: ignore[arg-type]
+        self.stats.resident_bytes += t.raw.nbytes
+        return pack(t.raw, t.qtype, self.shapes[name])  # type: ignore[arg-type]
 
     def _split_kv_b(self, name: str, device: torch.device | str) -> torch.Tensor:
         cfg = self.config
@@ -207,7 +227,7 @@ class GGUFSource(WeightSource):
         rows = raw[ids.cpu().numpy()]  # fancy indexing copies just these rows out of the map
         return dequantize(torch.from_numpy(rows).to(device), qtype)
 
-    def _experts_tensor(self, layer: int, proj: str, e: int) -> tuple[ReaderTensor, int, int, int]:
+    def _experts_tensor(self, layer: int, proj: str, e: int) -> tuple[MappedTensor, int, int, int]:
         """The merged `_exps` tensor holding expert `e`'s `proj`, with (n_expert, rows, cols)."""
         name = experts_name(layer, proj)
         t = self.tensors.get(name)
@@ -220,7 +240,7 @@ class GGUFSource(WeightSource):
 
     def expert_raw(self, layer: int, e: int, proj: str) -> RawExpert:
         t, _, rows, cols = self._experts_tensor(layer, proj, e)
-        return RawExpert(t.data.view(np.uint8)[e], t.tensor_type, (rows, cols))
+        return RawExpert(t.raw[e], t.qtype, (rows, cols))
 
     def expert(self, layer: int, e: int, proj: str, device: torch.device | str = "cpu") -> torch.Tensor:
         raw = self.expert_raw(layer, e, proj)
@@ -249,9 +269,9 @@ class GGUFSource(WeightSource):
         if mode == "mmap":
             self._staging = AlignedBuffer(True) if pin else None
             return []
-        paths = split_paths(self.path) if len(self.readers) > 1 else [self.path]
+        paths = split_paths(self.path) if len(self.headers) > 1 else [self.path]
         self._direct = {p: DirectReader(p, pin) for p in paths}
-        self._file_of = {t.name: p for r, p in zip(self.readers, paths) for t in r.tensors}
+        self._file_of = {t.name: p for h, p in zip(self.headers, paths) for t in h.tensors}
         self._staging = AlignedBuffer(pin)
         return [r.note for r in self._direct.values() if r.note]
 
@@ -269,17 +289,17 @@ class GGUFSource(WeightSource):
         parts, pieces, at = {}, [], 0
         for proj in PROJS:
             t, n_expert, rows, cols = self._experts_tensor(layer, proj, e)
-            per = int(t.n_bytes) // n_expert
-            parts[proj] = (at, per, t.tensor_type, (rows, cols))
+            per = t.nbytes // n_expert
+            parts[proj] = (at, per, t.qtype, (rows, cols))
             pieces.append((t, n_expert, per))
             at = _pad64(at + per)
         staged = self._staging is not None
         out = self._staging.get(at) if staged else np.empty(at, dtype=np.uint8)
         for (off, per, _, _), (t, n_expert, _) in zip(parts.values(), pieces):
             if self.io == "direct":
-                out[off : off + per] = self._read_at(t.name, int(t.data_offset) + e * per, per)
+                out[off : off + per] = self._read_at(t.name, t.offset + e * per, per)
             else:
-                out[off : off + per] = t.data.view(np.uint8).reshape(n_expert, -1)[e]
+                out[off : off + per] = t.raw.reshape(n_expert, -1)[e]
         for _, per, _, _ in parts.values():
             self.stats.count_expert(layer, e, per)
         return ExpertRecord(out, parts, reads=len(parts), borrowed=staged)
@@ -287,7 +307,7 @@ class GGUFSource(WeightSource):
     def close(self) -> None:
         """Drop the maps; numpy unmaps when the last view (e.g. a RawExpert someone kept) goes."""
         self.close_io()
-        self.readers = []
+        self.headers = []
         self.tensors = {}
 
 
@@ -307,18 +327,19 @@ class RelayoutSource(GGUFSource):
         from k2conv.layouts.relayout import read_layout
 
         self.path = Path(path)
-        reader = open_gguf_reader(self.path)
-        self.readers = [reader]
-        self.layout = read_layout(reader, self.path)
-        self.tensors = {t.name: t for t in reader.tensors if not t.name.startswith("k2conv.") and ".exp." not in t.name}
-        shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in self.tensors.items()}
+        header = scan_file(self.path)
+        self.headers = [header]
+        self.layout = read_layout(header, self.path)
+        self.tensors = {t.name: MappedTensor.of(header, t) for t in header.tensors
+                        if not t.name.startswith("k2conv.") and ".exp." not in t.name}
+        shapes = {n: t.shape for n, t in self.tensors.items()}
         self._parts: dict[tuple[int, str], dict] = {}
         for layer in self.layout.layers:
             for part in self.layout.parts(layer):
                 shapes[part["name"]] = tuple(reversed(part["ne"]))
                 self._parts[(layer, part["proj"])] = part
         self.shapes = shapes
-        parsed = config_from_gguf(reader.fields, shapes, str(self.path))
+        parsed = config_from_gguf(header, shapes, str(self.path))
         self.config = parsed.config
         self.notes = [f"{k} absent: llama.cpp's default used" for k in parsed.missing]
         self.stats = ReadStats()

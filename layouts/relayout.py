@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import zstandard
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGUF_MAGIC
 
 from k2conv.atomic import commit, start_writeback, temp_path
@@ -57,7 +57,7 @@ from k2conv.convert.integrity import (
 )
 from k2conv.convert.journal import Journal, input_identity, load_journal, plan_hash
 from k2conv.errors import K2ConvError
-from k2conv.gguf_scan import GGUFLayout, TensorInfo, open_gguf_reader, scan_file
+from k2conv.gguf_scan import GGUFLayout, TensorInfo, scan_file
 
 LAYOUT_VERSION = 1  # records stored raw
 LAYOUT_VERSION_ZSTD = 2  # records stored as zstd frames: a version-1 reader must refuse them, not misread them
@@ -529,10 +529,10 @@ class _Batcher:
     """
 
     def __init__(self, fd: int, fds: list[int], align: int, done: Callable[[int, int, int], None],
-                 kernel: _KernelLoad | None = None, checksums: bool = True) -> None:
+                 kernel: _KernelLoad | None = None, checksums: bool = True, buffer: int = CHUNK // 2) -> None:
         self.fd, self.fds, self.align, self.done, self.kernel = fd, fds, align, done, kernel
         self.checksums = checksums  # False: restore, which keeps no journal (units are "done" with CRC 0)
-        self.bufs = [memoryview(bytearray(CHUNK // 2)) for _ in range(2)]
+        self.bufs = [memoryview(bytearray(buffer)) for _ in range(2)]  # `buffer`: less for a small output
         self.cur = 0
         self.start = self.used = 0
         # (unit, CRC-32C or None until the kernel is there, bytes, the unit) of the current buffer
@@ -542,7 +542,7 @@ class _Batcher:
         self.checking: deque[tuple[int, int, Future]] = deque()  # (unit, bytes, its CRC-32C to come)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="k2conv-write")
         self.crc_pool = ThreadPoolExecutor(1, thread_name_prefix="k2conv-crc")
-        self.crc_buf = memoryview(bytearray(CHUNK))  # the checksum thread's
+        self.crc_buf = memoryview(bytearray(CHUNK if checksums else 0))  # the checksum thread's
 
     def _fill(self, u: Unit, view: memoryview) -> None:
         if u.blob is not None:
@@ -966,16 +966,16 @@ def is_relayout(path: Path) -> bool:
     return len(head) == 24 + len(want) and head[:4] == struct.pack("<I", GGUF_MAGIC) and head[24:] == want
 
 
-def read_layout(reader: GGUFReader | GGUFLayout, path: Path) -> Layout:
-    """The layout metadata of an opened relayout file (gguf's GGUFReader, or gguf_scan's GGUFLayout with its
-    map open), checked against the file before anything trusts it.
+def read_layout(header: GGUFLayout, path: Path) -> Layout:
+    """The layout metadata of a relayout file from its scanned header (gguf_scan, map open), checked against
+    the file before anything trusts it.
 
     The file may be damaged or hostile: every count, offset and name the records, the index and a
     restore rely on is validated here, so later code indexes and reads only what exists.
     """
     try:
-        layout = _parse_layout(reader, path)
-        _check_layout(layout, reader, path)
+        layout = _parse_layout(header, path)
+        _check_layout(layout, header, path)
     except K2ConvError:
         raise
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
@@ -984,38 +984,29 @@ def read_layout(reader: GGUFReader | GGUFLayout, path: Path) -> Layout:
 
 
 class _Values:
-    """KV values of a GGUF header, from gguf's GGUFReader or from gguf_scan's GGUFLayout (map open):
-    `value` a scalar or a string, `numbers` an array of numbers as a list; KeyError when absent."""
+    """KV values of a scanned header, strictly typed where `GGUFLayout.value` is lenient: `value` a scalar or a
+    string, `numbers` an array of numbers as a list; KeyError when absent, TypeError when of the other kind."""
 
-    def __init__(self, reader: GGUFReader | GGUFLayout) -> None:
-        self.reader = reader
+    def __init__(self, header: GGUFLayout) -> None:
+        self.header = header
 
     def __contains__(self, key: str) -> bool:
-        r = self.reader
-        return key in (r.kv if isinstance(r, GGUFLayout) else r.fields)
+        return key in self.header.kv
 
     def value(self, key: str) -> object:
-        r = self.reader
-        if not isinstance(r, GGUFLayout):
-            return r.fields[key].contents()
-        kv = r.kv[key]
-        if kv.vtype == GGUFValueType.ARRAY:
+        if self.header.kv[key].vtype == GGUFValueType.ARRAY:
             raise TypeError(f"{key} is an array, not a single value")
-        return r.string(key) if kv.vtype == GGUFValueType.STRING else r.scalar(key)
+        return self.header.value(key)
 
     def numbers(self, key: str) -> list:
-        r = self.reader
-        if not isinstance(r, GGUFLayout):
-            f = r.fields[key]
-            return list(f.contents()) if f.data else []
-        a = r.array(key)
+        a = self.header.array(key)
         if a is None:
-            raise TypeError(f"{key} is not an array of numbers") if key in r.kv else KeyError(key)
+            raise TypeError(f"{key} is not an array of numbers") if key in self.header.kv else KeyError(key)
         return a.tolist()
 
 
-def _parse_layout(reader: GGUFReader | GGUFLayout, path: Path) -> Layout:
-    f = _Values(reader)
+def _parse_layout(header: GGUFLayout, path: Path) -> Layout:
+    f = _Values(header)
     version = f.value(KEY_VERSION)
     if version not in READ_VERSIONS:
         raise K2ConvError(f"{path}: relayout version {version}, this k2conv reads {', '.join(map(str, READ_VERSIONS))}")
@@ -1043,10 +1034,10 @@ def _is_int(x: object, lo: int = 0, hi: int = 1 << 62) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
 
 
-def _check_layout(lay: Layout, reader: GGUFReader | GGUFLayout, path: Path) -> None:
+def _check_layout(lay: Layout, header: GGUFLayout, path: Path) -> None:
     """Raise K2ConvError unless every record, part and restore instruction lies inside this file."""
     size = path.stat().st_size
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in header.tensors}
     if not 0 < lay.n_expert <= 1 << 16 or len(lay.offsets) != len(lay.layers) * lay.n_expert:
         raise K2ConvError(f"{path}: {len(lay.offsets)} record offsets for {len(lay.layers)} layers × {lay.n_expert} experts")
     for layer in lay.layers:
@@ -1089,15 +1080,9 @@ def _check_layout(lay: Layout, reader: GGUFReader | GGUFLayout, path: Path) -> N
             raise K2ConvError(f"{path}: original file size {spec['size']} is not plausible")
 
 
-def open_layout(path: Path) -> tuple[GGUFReader, Layout]:
-    reader = open_gguf_reader(path)
-    if KEY_VERSION not in reader.fields:
-        raise K2ConvError(f"{path}: not a relayout file")
-    return reader, read_layout(reader, path)
-
-
-def _open_layout_scanned(path: Path) -> tuple[GGUFLayout, Layout]:
-    """open_layout without GGUFReader (which takes seconds on a 160k vocabulary): the scanned header, map closed."""
+def open_layout(path: Path) -> tuple[GGUFLayout, Layout]:
+    """The scanned header (map closed) and the layout of relayout file `path`: not gguf's GGUFReader, which
+    takes ~20 s and ~0.6 GiB on a 160k vocabulary."""
     header = scan_file(path)
     try:
         if KEY_VERSION not in header.kv:
@@ -1126,7 +1111,7 @@ def restore(inp: Path, out: Path) -> list[Path]:
     decompressed whole, so they are still read once each and their parts written where they belong.
     """
     inp, out = Path(inp), Path(out)
-    header, lay = _open_layout_scanned(inp)
+    header, lay = open_layout(inp)
     tensors = {t.name: t for t in header.tensors}
     paths = restore_paths(out, len(lay.index["files"]))
     fd_in = os.open(inp, os.O_RDONLY)
@@ -1137,7 +1122,8 @@ def restore(inp: Path, out: Path) -> list[Path]:
             fd = os.open(temp_path(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(fd)
             os.ftruncate(fd, spec["size"])  # zero gaps come for free
-            batch = _Batcher(fd, [fd_in], 1, lambda i, crc, n: None, checksums=False)
+            batch = _Batcher(fd, [fd_in], 1, lambda i, crc, n: None, checksums=False,
+                             buffer=max(1, min(CHUNK // 2, spec["size"])))
             try:
                 for i, (pos, name, u) in enumerate(_restore_units(spec, tensors, lay)):
                     if u is None:
@@ -1169,14 +1155,20 @@ def _restore_units(spec: dict, tensors: dict[str, TensorInfo], lay: Layout) -> l
     small parts share a write), or, from a compressed input, as one (position, name, None): its records
     must be decoded whole."""
     parts = {p["name"]: (layer, p) for layer in lay.layers for p in lay.parts(layer)}
-    h = tensors[spec["header"]]
+
+    def stored(name: str) -> TensorInfo:
+        if name not in tensors:
+            raise K2ConvError(f"{lay.path}: corrupt relayout index: it names tensor {name!r}, which the file lacks")
+        return tensors[name]
+
+    h = stored(spec["header"])
     ranges: list[tuple[int, str, Unit | None]] = [(0, "header", Unit("header", 0, (), [Src(0, h.offset, h.nbytes)]))]
     if spec["gap_blob"]:
-        g = tensors[spec["gap_blob"]]
+        g = stored(spec["gap_blob"])
         ranges += [(pos, "gap", Unit("gap", 0, (), [Src(0, g.offset + at, n)])) for pos, n, at in spec["gaps"] if at >= 0]
     for name, off, n in spec["tensors"]:
         if name not in parts:
-            ranges.append((off, name, Unit(name, 0, (), [Src(0, tensors[name].offset, n)])))
+            ranges.append((off, name, Unit(name, 0, (), [Src(0, stored(name).offset, n)])))
         elif lay.compression is not None:
             ranges.append((off, name, None))
         else:

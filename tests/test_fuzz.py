@@ -4,7 +4,8 @@ Each parser must either accept the input or raise one K2ConvError line (the CLI 
 2), within a per-example time limit (a hang fails the example), allocating no more than a small
 multiple of the file's size (a lying length field must not drive an allocation). Parsers covered:
 the safetensors header (SafetensorsFile), the checkpoint index and config (Checkpoint), GGUF files
-(`verify_integrity`, `open_gguf_reader`, the bounds-checking scan they share) and the journal.
+(`verify_integrity`, `open_gguf_reader`, and the bounds-checking scan they share, whose values and
+tensor views the runner reads) and the journal.
 The imatrix reader has its own fuzz test in test_imatrix.py.
 
 Byte-level mutations (bit flips, 4/8-byte overwrites with boundary values, truncation, insertion)
@@ -35,7 +36,7 @@ from k2conv.convert.integrity import verify_integrity
 from k2conv.convert.journal import load_journal
 from k2conv.convert.safetensors_reader import SafetensorsFile
 from k2conv.errors import K2ConvError
-from k2conv.gguf_scan import open_gguf_reader
+from k2conv.gguf_scan import open_gguf_reader, scan_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_seeds import write_seed
@@ -274,8 +275,9 @@ def gguf_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 @fuzz(1200)
 @given(which=st.sampled_from(["single", "shard"]), ops=mutations(1 << 11))
 def test_fuzz_gguf(tmp_path: Path, gguf_seeds: dict[str, bytes], which: str, ops: list[tuple[str, int, int]]) -> None:
-    """Every mutant: verify never raises, reports every changed file as not intact, and GGUFReader
-    behind the scan either reads every tensor and field or fails as one K2ConvError line."""
+    """Every mutant: verify never raises, reports every changed file as not intact, GGUFReader behind the
+    scan either reads every tensor and field or fails as one K2ConvError line, and so does what the runner
+    reads instead (the scan's values and tensor views), which equal GGUFReader's wherever both read."""
     seed = gguf_seeds[which]
     data = mutate(seed, ops)
     path = tmp_path / "m.gguf"
@@ -288,6 +290,7 @@ def test_fuzz_gguf(tmp_path: Path, gguf_seeds: dict[str, bytes], which: str, ops
     else:
         assert report.exit_code != 0, f"a changed file passed: {ops}"
         assert all("\n" not in p for p in report.files[0].problems)
+    reader = header = None
     with bounded(path):
         try:
             reader = open_gguf_reader(path)
@@ -298,7 +301,23 @@ def test_fuzz_gguf(tmp_path: Path, gguf_seeds: dict[str, bytes], which: str, ops
                 assert np.asarray(t.data).nbytes == t.n_bytes
             for fld in reader.fields.values():
                 fld.contents()
-            del reader
+    with bounded(path):
+        try:
+            header = scan_file(path)
+            values = {key: header.value(key) for key in header.kv}
+            views = {t.name: header.tensor_bytes(t) for t in header.tensors}
+        except K2ConvError as exc:
+            clean_error(exc)
+    if reader is not None:
+        assert header is not None
+        fields = {k: repr(f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        assert {k: repr(v) for k, v in values.items()} == fields
+        assert [(t.name, t.qtype, t.offset, t.nbytes) for t in header.tensors] == [
+            (t.name, t.tensor_type, t.data_offset, t.n_bytes) for t in reader.tensors
+        ]
+        for t in reader.tensors:
+            assert views[t.name].tobytes() == np.asarray(t.data).tobytes(), t.name
+    del reader, header
 
 
 def test_scan_refuses_lying_array_before_gguf_reader(tmp_path: Path, gguf_seeds: dict[str, bytes]) -> None:
@@ -384,7 +403,7 @@ def relayout_seed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 def test_fuzz_relayout_reader(tmp_path: Path, relayout_seed: bytes, ops: list[tuple[str, int, int]]) -> None:
     """Every mutant of a relayout file: verify flags it, and reading its layout, every record and a
     restore either work or fail as one K2ConvError line (no hang, no allocation beyond the file)."""
-    from k2conv.layouts.relayout import read_layout, restore
+    from k2conv.layouts.relayout import open_layout, restore
 
     data = mutate(relayout_seed, ops)
     path = tmp_path / "m.gguf"
@@ -393,7 +412,7 @@ def test_fuzz_relayout_reader(tmp_path: Path, relayout_seed: bytes, ops: list[tu
     out = tmp_path / "back.gguf"
     with bounded(path):
         try:
-            layout = read_layout(open_gguf_reader(path), path)
+            _, layout = open_layout(path)
             for layer in layout.layers:
                 for e in range(layout.n_expert):
                     offset, size = layout.record(layer, e)

@@ -106,7 +106,8 @@ def test_records_are_aligned_contiguous_and_located(ggufs, tmp_path: Path) -> No
     out = tmp_path / "r.gguf"
     relayout([src], out, 4096)
     assert is_relayout(out) and not is_relayout(src)
-    reader, lay = open_layout(out)  # gguf's own reader opens the container
+    reader = GGUFReader(out)  # gguf's own reader opens the container
+    _, lay = open_layout(out)
     assert reader.alignment == 4096 and reader.fields[KEY_VERSION].contents() == 1
     orig = {t.name: t for t in GGUFReader(src).tensors}
     tensors = {t.name: t for t in reader.tensors}
@@ -141,7 +142,8 @@ def test_hot_first_follows_stats(ggufs, tmp_path: Path) -> None:
     stats.write_text(json.dumps({"version": 1, "layers": {"2": {"5": 40, "1": 7}, "1": [0, 0, 0, 30, 0, 0, 0, 7]}}))
     out = tmp_path / "hot.gguf"
     relayout([src], out, 4096, order="hot-first", stats=stats)
-    reader, lay = open_layout(out)
+    reader = GGUFReader(out)
+    _, lay = open_layout(out)
     records = sorted((t.data_offset, t.name) for t in reader.tensors if ".exp." in t.name)
     names = [n for _, n in records]
     assert names[:4] == ["blk.2.exp.5", "blk.1.exp.3", "blk.1.exp.7", "blk.2.exp.1"]  # ties: by layer, expert
@@ -277,10 +279,11 @@ def test_compressed_restores_byte_identical_and_runs_identically(ggufs, tmp_path
     relayout(inputs, plain, 4096)
     rep = relayout(inputs, packed, 4096, compress="zstd:19")
     assert rep.record_stored < rep.record_raw and packed.stat().st_size == rep.size < plain.stat().st_size
-    reader, lay = open_layout(packed)
+    reader = GGUFReader(packed)
+    _, lay = open_layout(packed)
     assert reader.fields[KEY_VERSION].contents() == 2 and lay.compression == "zstd"
     tensors = {t.name: t for t in reader.tensors}
-    plain_reader, _ = open_layout(plain)
+    plain_reader = GGUFReader(plain)
     plain_tensors = {t.name: t for t in plain_reader.tensors}
     for layer in lay.layers:  # records aligned; each one zstd frame of exactly the uncompressed record
         for e in range(lay.n_expert):
