@@ -568,8 +568,7 @@ class _Batcher:
         view = self.bufs[self.cur][self.used : self.used + n]
         self._fill(u, view)
         self.bufs[self.cur][self.used + n : self.used + end] = bytes(end - n)  # a resumed file may hold old bytes
-        crc = 0 if not self.checksums else crc32c(view) if self._ready() else None
-        self.pending.append((i, crc, n, u))
+        self.pending.append((i, self._crc(view), n, u))
         self.used += end
         if _TEST_DELAY:  # slowed for the kill tests: one unit per write, so kills land between journaled units
             self.flush()
@@ -577,7 +576,7 @@ class _Batcher:
     def _large(self, i: int, u: Unit, pos: int) -> None:
         size = len(self.bufs[0])
         pieces: list[Src | None] = [None] if u.blob is not None else list(u.sources)  # None: the blob
-        crc: int | None = 0 if self._ready() or not self.checksums else None
+        crc: int | None = 0
         at, left = pos, u.nbytes
         for src in pieces:
             nbytes = src.nbytes if src is not None else u.nbytes
@@ -588,8 +587,7 @@ class _Batcher:
                     _read_into(self.fds[src.file], view, src.offset + k)
                 else:
                     view[:] = memoryview(u.blob)[k : k + m]  # type: ignore[arg-type]
-                if crc is not None and self.checksums:
-                    crc = crc32c(view, crc)
+                crc = self._crc(view, crc)
                 left -= m
                 self.start, self.used = at, m
                 if not left:  # its padding is written before the unit can be journaled
@@ -605,6 +603,15 @@ class _Batcher:
 
     def _ready(self) -> bool:
         return self.kernel is None or self.kernel.ready.is_set()
+
+    def _crc(self, view: memoryview, crc: int | None = 0) -> int | None:
+        """CRC-32C of `view` continuing from `crc`; 0 without checksums (restore); None once the kernel was
+        not there for a unit's first piece (the unit is checksummed later, whole: `deferred`)."""
+        if not self.checksums:
+            return 0
+        if crc is None or not self._ready():
+            return None
+        return crc32c(view, crc)
 
     def _take(self, k: int) -> None:
         """Wait for buffer k's write, then journal its units (those without a checksum yet: once they have one)."""
